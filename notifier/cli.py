@@ -1,0 +1,186 @@
+"""The ``notifier`` command line.
+
+Exit statuses (documented in README.md; systemd units rely on them):
+
+====  =========================================================================
+0     clean stop (SIGINT or SIGTERM, in-flight work drained)
+2     bad command line
+69    CouchDB refused or could not be read at start-up (auth, missing
+      database, unreadable checkpoint), or failed fatally while running
+70    unexpected crash (a bug: the log has the traceback)
+76    the SMTP server refused the login or TLS failed
+78    configuration error (file, key and problem are named)
+130   a second SIGINT or SIGTERM ended the process at once
+====  =========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import ClassVar
+
+from notifier import __version__
+from notifier import config as config_module
+from notifier.config import Config
+from notifier.couch import CouchClient
+from notifier.errors import ConfigError, CouchError, DeliveryFatalError, NotifierError
+from notifier.mailer import SmtpPool
+from notifier.runner import EXIT_FORCED, run_worker
+from notifier.shard import Shard
+
+log = logging.getLogger("notifier")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_COUCH = 69
+EXIT_CRASH = 70
+EXIT_SMTP = 76
+EXIT_CONFIG = 78
+__all__ = ["EXIT_FORCED", "main"]
+
+DEFAULT_CONFIG = "/etc/notifier/config.toml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="notifier",
+        description=(
+            "Follow a CouchDB database's _changes feed and email the recipient of every new "
+            "message document, once."
+        ),
+        epilog=(
+            "exit statuses: 0 clean stop, 2 bad command line, 69 CouchDB error, "
+            "70 crash, 76 SMTP login/TLS error, 78 configuration error, "
+            "130 forced stop (second signal)"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"notifier {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            default=os.environ.get("NOTIFIER_CONFIG", DEFAULT_CONFIG),
+            help="TOML configuration file (default: $NOTIFIER_CONFIG or %(default)s)",
+        )
+        p.add_argument(
+            "--log-level",
+            default=os.environ.get("NOTIFIER_LOG_LEVEL", "INFO"),
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            type=str.upper,
+            help="log verbosity (default: $NOTIFIER_LOG_LEVEL or INFO)",
+        )
+
+    run = commands.add_parser(
+        "run",
+        help="run one worker until SIGINT or SIGTERM",
+        description=(
+            "Run one worker. Each worker handles the documents whose stable hash of _id, "
+            "modulo the worker count, equals its worker id, and keeps its own checkpoint. "
+            "SIGINT or SIGTERM stops it after in-flight messages finish (within "
+            "[worker] drain_timeout); a second signal exits at once."
+        ),
+    )
+    run.add_argument(
+        "--worker-id", type=int, required=True, metavar="N", help="this worker's id, 0..count-1"
+    )
+    run.add_argument(
+        "--worker-count",
+        type=int,
+        metavar="M",
+        help="number of workers sharing the database (default: [worker] worker_count)",
+    )
+    config_option(run)
+
+    check = commands.add_parser(
+        "check",
+        help="validate the configuration and connect to CouchDB and SMTP",
+        description="Validate the configuration, then connect to CouchDB and the SMTP server.",
+    )
+    config_option(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = config_module.load(args.config)
+        if args.command == "run":
+            shard = _shard(args, config)
+            asyncio.run(run_worker(config, shard))
+        elif args.command == "check":
+            asyncio.run(_check(config))
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        return EXIT_CONFIG
+    except CouchError as e:
+        log.error("%s", e)
+        return EXIT_COUCH
+    except DeliveryFatalError as e:
+        log.error("%s", e)
+        return EXIT_SMTP
+    except NotifierError as e:
+        log.error("%s", e)
+        return EXIT_CRASH
+    except Exception:
+        log.exception("unexpected error; this is a bug, please report it with this log")
+        return EXIT_CRASH
+    return EXIT_OK
+
+
+def _shard(args: argparse.Namespace, config: Config) -> Shard:
+    count = args.worker_count if args.worker_count is not None else config.worker.worker_count
+    try:
+        return Shard(worker_id=args.worker_id, worker_count=count)
+    except ValueError as e:
+        raise ConfigError(f"--worker-id/--worker-count: {e}") from None
+
+
+async def _check(config: Config) -> None:
+    print(f"configuration {config.source}: ok")
+    async with CouchClient.from_config(config.couch) as couch:
+        info = await couch.database_info(config.couch.database)
+        print(
+            f"CouchDB {config.couch.url} database {config.couch.database!r}: ok "
+            f"({info.get('doc_count')} documents)"
+        )
+    async with SmtpPool(config.smtp, size=1) as pool:
+        await pool.check()
+        print(f"SMTP {config.smtp.host}:{config.smtp.port} ({config.smtp.security}): ok")
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority, which journald turns into a level."""
+
+    _PRIORITY: ClassVar[dict[str, int]] = {
+        "DEBUG": 7,
+        "INFO": 6,
+        "WARNING": 4,
+        "ERROR": 3,
+        "CRITICAL": 2,
+    }
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        # journald adds its own timestamps and host.
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request at INFO; that is per-change noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

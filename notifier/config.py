@@ -1,0 +1,325 @@
+"""Configuration: a TOML file, validated once at load, plus secrets from outside it.
+
+Every key, its type and default is declared once, in the dataclasses below;
+``config.example.toml`` documents them for people and a test keeps the two in
+step. Unknown keys, wrong types and missing required keys are errors that name
+the file, the key and what was expected: a typo must never silently fall back
+to a default.
+
+Passwords never live in the TOML file. They come from an environment variable
+or from a file (a systemd credential, say), are held in :class:`Secret`, and
+never appear in ``repr``, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from notifier.errors import ConfigError
+
+COUCH_PASSWORD_ENV = "NOTIFIER_COUCH_PASSWORD"  # noqa: S105 (a variable name)
+SMTP_PASSWORD_ENV = "NOTIFIER_SMTP_PASSWORD"  # noqa: S105 (a variable name)
+
+
+class Secret:
+    """A string that does not show itself.
+
+    >>> s = Secret("hunter2")
+    >>> s, str(s), f"{s}"
+    (Secret('********'), '********', '********')
+    >>> s.reveal()
+    'hunter2'
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: only for handing to a client library."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CouchConfig:
+    url: str = "http://127.0.0.1:5984"
+    database: str = "messages"
+    checkpoint_database: str = "workersequences"
+    username: str | None = None
+    password_file: str | None = None
+    heartbeat: float = 10.0
+    request_timeout: float = 30.0
+    tls_verify: bool = True
+    ca_file: str | None = None
+    # Filled from the environment or password_file, never from TOML.
+    password: Secret | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_file: str | None = None
+    timeout: float = 30.0
+    tls_verify: bool = True
+    max_attempts: int = 5
+    password: Secret | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmailConfig:
+    sender: str
+    sender_name: str = "Notifier"
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    worker_count: int = 1
+    max_parallel: int = 10
+    checkpoint_interval: float = 5.0
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    couch: CouchConfig
+    smtp: SmtpConfig
+    email: EmailConfig
+    worker: WorkerConfig
+    source: str = "<defaults>"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "couch": CouchConfig,
+    "smtp": SmtpConfig,
+    "email": EmailConfig,
+    "worker": WorkerConfig,
+}
+# Keys that must be strictly positive (or at least 1 for counts).
+_POSITIVE = {
+    ("couch", "heartbeat"),
+    ("couch", "request_timeout"),
+    ("smtp", "port"),
+    ("smtp", "timeout"),
+    ("smtp", "max_attempts"),
+    ("email", "max_body_bytes"),
+    ("worker", "worker_count"),
+    ("worker", "max_parallel"),
+    ("worker", "checkpoint_interval"),
+    ("worker", "drain_timeout"),
+}
+_NOT_FROM_FILE = {"password"}
+
+T = TypeVar("T")
+
+
+def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and complete the configuration at ``path``.
+
+    ``environ`` defaults to ``os.environ``; it is where passwords come from
+    when no ``password_file`` is configured.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return from_mapping(data, source=source, environ=environ)
+
+
+def from_mapping(
+    data: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate an already parsed TOML document (see :func:`load`)."""
+    env = os.environ if environ is None else environ
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})"
+        )
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table, got {_kind(table)}")
+        sections[name] = _build_section(cls, name, table, source)
+
+    couch: CouchConfig = sections["couch"]
+    smtp: SmtpConfig = sections["smtp"]
+    _check_couch_url(couch.url, source)
+    couch = dataclasses.replace(
+        couch,
+        password=_password(
+            "couch",
+            couch.username,
+            couch.password_file,
+            env.get(COUCH_PASSWORD_ENV),
+            COUCH_PASSWORD_ENV,
+            source,
+        ),
+    )
+    smtp = dataclasses.replace(
+        smtp,
+        password=_password(
+            "smtp",
+            smtp.username,
+            smtp.password_file,
+            env.get(SMTP_PASSWORD_ENV),
+            SMTP_PASSWORD_ENV,
+            source,
+        ),
+    )
+    email: EmailConfig = sections["email"]
+    if "@" not in email.sender or any(c.isspace() for c in email.sender):
+        raise ConfigError(
+            f"{source}: [email] sender: expected an email address, got {email.sender!r}"
+        )
+    return Config(couch=couch, smtp=smtp, email=email, worker=sections["worker"], source=source)
+
+
+def _build_section(cls: type[T], section: str, table: Mapping[str, Any], source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    allowed = [name for name in fields if name not in _NOT_FROM_FILE]
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in allowed:
+            hint = ""
+            if key in _NOT_FROM_FILE:
+                hint = f" (passwords come from the environment or [{section}] password_file)"
+            raise ConfigError(
+                f"{source}: [{section}] {key}: unknown key{hint}; known keys: {', '.join(allowed)}"
+            )
+        values[key] = _coerce(value, hints[key], section, key, source)
+    for name, f in fields.items():
+        if (
+            name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(f"{source}: [{section}] {name}: required key is missing")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, section: str, key: str, source: str) -> Any:
+    where = f"{source}: [{section}] {key}"
+    if isinstance(hint, types.UnionType):
+        # `str | None`: TOML has no null, so an optional key is simply left out.
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_kind(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number (seconds), got {_kind(value)}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_kind(value)}")
+        if not value:
+            raise ConfigError(f"{where}: expected a non-empty string")
+    if (section, key) in _POSITIVE and not value > 0:
+        raise ConfigError(f"{where}: expected a value greater than 0, got {value!r}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
+    return f"{names.get(type(value), type(value).__name__)} ({value!r})"
+
+
+def _check_couch_url(url: str, source: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{source}: [couch] url: expected an http:// or https:// URL, got {url!r}"
+        )
+    if parts.username or parts.password:
+        # Rejected so that a password can never sit in a file that gets
+        # printed, copied into tickets or logged with the URL.
+        raise ConfigError(
+            f"{source}: [couch] url: must not contain credentials; set [couch] username "
+            f"and the password in {COUCH_PASSWORD_ENV} or [couch] password_file"
+        )
+
+
+def _password(
+    section: str,
+    username: str | None,
+    password_file: str | None,
+    from_env: str | None,
+    env_name: str,
+    source: str,
+) -> Secret | None:
+    if password_file is not None:
+        try:
+            text = Path(password_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(
+                f"{source}: [{section}] password_file: cannot read {password_file}: {e.strerror}"
+            ) from None
+        # A trailing newline is an artefact of `echo secret > file`.
+        secret = text.rstrip("\r\n")
+    elif from_env:
+        secret = from_env
+    else:
+        secret = None
+    if username is not None and secret is None:
+        raise ConfigError(
+            f"{source}: [{section}] username is set but there is no password: "
+            f"set {env_name} or [{section}] password_file"
+        )
+    if username is None:
+        return None
+    return Secret(secret or "")

@@ -1,0 +1,311 @@
+"""A small CouchDB HTTP client: the only place that speaks HTTP to CouchDB.
+
+It turns every failure into one of the :mod:`notifier.errors` classes, so the
+rest of the daemon decides on "fatal, conflict or retriable" and never looks at
+status codes or httpx exceptions.
+
+It works against Apache CouchDB and PouchDB Server alike, and relies on nothing
+where they differ:
+
+* ``Accept: application/json`` on every request (PouchDB Server answers
+  ``text/plain`` otherwise);
+* ``Accept-Encoding: identity`` on the changes feed, because PouchDB Server
+  gzips when offered and a gzipped continuous feed is held back until it closes;
+* the ``_selector`` filter's selector is sent both in the POST body (where
+  CouchDB reads it) and as a ``selector`` query parameter (where PouchDB Server
+  reads it; without it, its process dies looking for a design doc);
+* seqs are passed back exactly as received, never parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from notifier.config import CouchConfig, Secret
+from notifier.errors import (
+    CouchError,
+    CouchFatalError,
+    CouchTimeoutError,
+    CouchTransientError,
+    DocumentConflict,
+)
+from notifier.tracker import Seq
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+
+# Statuses after which a retry can succeed without anyone acting.
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def doc_path(database: str, doc_id: str) -> str:
+    """URL path of a document, escaping the id but keeping special prefixes readable.
+
+    >>> doc_path("messages", "a/b c")
+    '/messages/a%2Fb%20c'
+    >>> doc_path("messages", "_design/x y")
+    '/messages/_design/x%20y'
+    """
+    for prefix in ("_design/", "_local/"):
+        if doc_id.startswith(prefix):
+            return f"/{quote(database, safe='')}/{prefix}{quote(doc_id[len(prefix) :], safe='')}"
+    return f"/{quote(database, safe='')}/{quote(doc_id, safe='')}"
+
+
+def seq_param(seq: Seq) -> str:
+    """A seq as the ``since`` query parameter: strings verbatim, anything else as JSON.
+
+    >>> seq_param("12-g1AAAA"), seq_param(12), seq_param([3, "x"])
+    ('12-g1AAAA', '12', '[3, "x"]')
+    """
+    return seq if isinstance(seq, str) else json.dumps(seq)
+
+
+class CouchClient:
+    """An async context manager around one ``httpx.AsyncClient`` for one CouchDB server.
+
+    ``transport`` lets tests (and users of :mod:`notifier.testing`) put an
+    in-process fake CouchDB behind the very same client code.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        username: str | None = None,
+        password: Secret | None = None,
+        timeout: float = 30.0,
+        verify: bool | str = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._timeout = timeout
+        auth = httpx.BasicAuth(username, password.reveal()) if username and password else None
+        verify_arg: bool | ssl.SSLContext = (
+            verify if isinstance(verify, bool) else (ssl.create_default_context(cafile=verify))
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            auth=auth,
+            timeout=timeout,
+            verify=verify_arg,
+            transport=transport,
+            headers={"Accept": "application/json"},
+            # The connection pool is shared by the feed and the writers; keep
+            # enough keep-alive connections for a full batch of parallel marks.
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+        self.requests = 0
+
+    @classmethod
+    def from_config(
+        cls, config: CouchConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> Self:
+        return cls(
+            url=config.url,
+            username=config.username,
+            password=config.password,
+            timeout=config.request_timeout,
+            verify=config.ca_file if config.ca_file and config.tls_verify else config.tls_verify,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"<CouchClient {self.url} requests={self.requests}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plain requests -------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+    ) -> Any:
+        """Send one request; return the decoded JSON body of a 2xx answer, or raise."""
+        what = f"{method} {path}"
+        self.requests += 1
+        try:
+            response = await self._http.request(method, path, params=params, json=json_body)
+        except httpx.TimeoutException as e:
+            raise CouchTimeoutError(f"CouchDB {what}: no answer in time ({_name(e)})") from e
+        except httpx.TransportError as e:
+            raise CouchTransientError(f"CouchDB {what}: {_name(e)}: {e}") from e
+        if response.is_success:
+            return _decode(response, what)
+        raise _status_error(response, what)
+
+    async def get_doc(self, database: str, doc_id: str) -> Doc | None:
+        """The current revision of a document, or ``None`` if it is missing or deleted.
+
+        A missing *database* is not a missing document: it raises CouchFatalError.
+        """
+        try:
+            doc: Doc = await self.request("GET", doc_path(database, doc_id))
+        except CouchFatalError as e:
+            if e.status == 404 and e.reason in ("missing", "deleted"):
+                return None
+            raise
+        return doc
+
+    async def put_doc(self, database: str, doc: Mapping[str, Any]) -> str:
+        """Write a document; return its new rev. A stale ``_rev`` raises DocumentConflict."""
+        result = await self.request("PUT", doc_path(database, doc["_id"]), json_body=dict(doc))
+        rev: str = result["rev"]
+        return rev
+
+    async def bulk_docs(self, database: str, docs: list[Mapping[str, Any]]) -> list[Doc]:
+        """Write many documents in one request; per-document conflicts come back in the list."""
+        result: list[Doc] = await self.request(
+            "POST", f"/{quote(database, safe='')}/_bulk_docs", json_body={"docs": docs}
+        )
+        return result
+
+    async def database_info(self, database: str) -> Doc:
+        info: Doc = await self.request("GET", f"/{quote(database, safe='')}")
+        return info
+
+    async def create_database(self, database: str) -> bool:
+        """Create a database; ``False`` if it already existed (412)."""
+        try:
+            await self.request("PUT", f"/{quote(database, safe='')}")
+        except CouchFatalError as e:
+            if e.status == 412:
+                return False
+            raise
+        return True
+
+    # -- the changes feed -----------------------------------------------
+
+    @asynccontextmanager
+    async def changes(
+        self,
+        database: str,
+        *,
+        feed: str,
+        since: Seq,
+        selector: Mapping[str, Any] | None,
+        heartbeat: float | None = None,
+        idle_timeout: float | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[AsyncIterator[str]]:
+        """Open ``_changes`` and yield an iterator over its raw lines.
+
+        The lines are JSON rows, blank heartbeat lines and, at the end of a
+        normal feed, the whole ``{"results": …, "last_seq": …}`` body. Reading
+        fails with CouchTimeoutError when no byte (not even a heartbeat)
+        arrives for ``idle_timeout`` seconds, so a dead connection is noticed.
+        """
+        params: dict[str, str] = {
+            "feed": feed,
+            "include_docs": "true",
+            "since": seq_param(since),
+        }
+        if heartbeat is not None:
+            params["heartbeat"] = str(int(heartbeat * 1000))
+        if limit is not None:
+            params["limit"] = str(limit)
+        body: dict[str, Any] = {}
+        if selector is not None:
+            params["filter"] = "_selector"
+            params["selector"] = json.dumps(selector, separators=(",", ":"))
+            body["selector"] = selector
+        what = f"POST /{database}/_changes?feed={feed}"
+        timeout = httpx.Timeout(self._timeout, read=idle_timeout or self._timeout)
+        self.requests += 1
+        try:
+            async with self._http.stream(
+                "POST",
+                f"/{quote(database, safe='')}/_changes",
+                params=params,
+                json=body,
+                headers={"Accept-Encoding": "identity"},
+                timeout=timeout,
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    raise _status_error(response, what)
+                yield _lines(response, what)
+        except httpx.TimeoutException as e:
+            raise CouchTimeoutError(f"CouchDB {what}: no data in time ({_name(e)})") from e
+        except httpx.TransportError as e:
+            raise CouchTransientError(f"CouchDB {what}: {_name(e)}: {e}") from e
+
+
+async def _lines(response: httpx.Response, what: str) -> AsyncIterator[str]:
+    try:
+        async for line in response.aiter_lines():
+            yield line
+    except httpx.TimeoutException as e:
+        raise CouchTimeoutError(f"CouchDB {what}: no data in time ({_name(e)})") from e
+    except httpx.TransportError as e:
+        raise CouchTransientError(f"CouchDB {what}: {_name(e)}: {e}") from e
+
+
+def _name(e: BaseException) -> str:
+    return type(e).__name__
+
+
+def _decode(response: httpx.Response, what: str) -> Any:
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        raise CouchTransientError(
+            f"CouchDB {what}: {response.status_code} with a body that is not JSON",
+            status=response.status_code,
+        ) from None
+
+
+def _status_error(response: httpx.Response, what: str) -> CouchError:
+    """Classify a non-2xx answer, quoting CouchDB's own error and reason."""
+    status = response.status_code
+    error = reason = None
+    try:
+        body = json.loads(response.content)
+        if isinstance(body, dict):
+            error, reason = body.get("error"), body.get("reason")
+    except ValueError:
+        pass
+    detail = f"{error}: {reason}" if error else response.reason_phrase
+    message = f"CouchDB {what}: {status} {detail}"
+    if status == 409:
+        return DocumentConflict(message, status=status, error=error, reason=reason)
+    if status in _TRANSIENT_STATUSES:
+        return CouchTransientError(message, status=status, error=error, reason=reason)
+    if status == 401:
+        message += " (check [couch] username and its password)"
+    elif status == 403:
+        message += " (the [couch] user lacks permission on this database)"
+    elif status == 404 and reason in ("no_db_file", "Database does not exist."):
+        message += " (the database does not exist)"
+    return CouchFatalError(message, status=status, error=error, reason=reason)
+
+
+def is_missing_database(error: CouchError) -> bool:
+    """Whether a 404 is about the database rather than a document."""
+    return error.status == 404 and error.reason in ("no_db_file", "Database does not exist.")

@@ -1,0 +1,103 @@
+"""The one exception root of notifier, and what each branch means.
+
+Every error the daemon raises on purpose derives from :class:`NotifierError`.
+The tree says what failed; the ``retriable`` attribute says whether trying the
+same thing again later can help, and that attribute alone drives retries::
+
+    NotifierError
+    ├── ConfigError                 bad or unreadable configuration (never retried)
+    ├── CouchError                  a CouchDB request failed
+    │   ├── CouchFatalError         401/403/404/400: a person has to act
+    │   ├── DocumentConflict        409: someone else wrote the doc first (MVCC)
+    │   └── CouchTransientError     429, 5xx, network trouble: retried with backoff
+    │       └── CouchTimeoutError   no answer in time
+    └── DeliveryError               the handler could not deliver a message
+        ├── PermanentDeliveryError  the message can never go: dead-letter it
+        ├── TransientDeliveryError  try again later (SMTP 4xx, dropped connection)
+        │   └── ChannelUnavailableError  the SMTP server cannot be reached at all
+        └── DeliveryFatalError      the channel itself is unusable (SMTP auth, TLS)
+
+Builtin mixins are used where the meaning matches, so ``except TimeoutError``
+still catches a CouchDB request that timed out.
+"""
+
+from __future__ import annotations
+
+
+class NotifierError(Exception):
+    """Root of every error notifier raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(NotifierError, ValueError):
+    """The configuration is missing, malformed or inconsistent."""
+
+
+class CouchError(NotifierError):
+    """A CouchDB request failed.
+
+    ``status`` is the HTTP status, or ``None`` when no response arrived.
+    ``error`` and ``reason`` are CouchDB's own words from the response body.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.reason = reason
+
+
+class CouchFatalError(CouchError):
+    """CouchDB refused in a way that retrying cannot fix (auth, missing database)."""
+
+
+class DocumentConflict(CouchError):
+    """A write lost the race for a document revision (HTTP 409).
+
+    Not an error to report: the caller re-reads the document and decides again.
+    """
+
+
+class CouchTransientError(CouchError):
+    """CouchDB is overloaded, restarting or unreachable; the request may succeed later."""
+
+    retriable = True
+
+
+class CouchTimeoutError(CouchTransientError, TimeoutError):
+    """No answer from CouchDB within the configured time."""
+
+
+class DeliveryError(NotifierError):
+    """The handler could not deliver one message."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The message cannot be delivered, ever; ``str(error)`` is the dead-letter reason."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """The message could not be delivered now; it may be later."""
+
+    retriable = True
+
+
+class ChannelUnavailableError(TransientDeliveryError, ConnectionError):
+    """The delivery channel (the SMTP server) could not be reached at all.
+
+    Unlike a per-message refusal this says nothing about the message, so it
+    does not count towards the message's attempts: the daemon keeps trying
+    until the server is back instead of dead-lettering mail during an outage.
+    """
+
+
+class DeliveryFatalError(DeliveryError):
+    """The delivery channel is misconfigured (authentication, TLS); stop the worker."""

@@ -1,0 +1,122 @@
+"""Running one worker from a configuration: build the clients, handle signals, run.
+
+The clients are async context managers owned here, so they close after the
+worker's own shutdown (stop reading, drain, cancel, final checkpoint), SMTP
+first, then HTTP.
+
+Signals: the first SIGINT or SIGTERM asks the worker to stop gracefully; a
+second one ends the process at once with exit status 130. What was in flight
+then is sent again after a restart (the checkpoint never passed it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import httpx
+
+from notifier.checkpoint import CheckpointStore
+from notifier.config import Config
+from notifier.couch import CouchClient
+from notifier.mailer import EmailHandler, SmtpPool
+from notifier.message import Composer
+from notifier.shard import Shard
+from notifier.worker import Worker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_FORCED = 130
+
+
+def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
+    w = config.worker
+    return WorkerSettings(
+        database=config.couch.database,
+        shard=shard,
+        max_parallel=w.max_parallel,
+        checkpoint_interval=w.checkpoint_interval,
+        drain_timeout=w.drain_timeout,
+        heartbeat=config.couch.heartbeat,
+        max_attempts=config.smtp.max_attempts,
+    )
+
+
+async def run_worker(
+    config: Config,
+    shard: Shard,
+    *,
+    handle_signals: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_start: Callable[[Worker], None] | None = None,
+) -> Worker:
+    """Run one worker until it is stopped; return it (for its counters).
+
+    ``handle_signals=False`` leaves signals alone, for tests and for programs
+    that embed a worker and stop it themselves through ``on_start``.
+    """
+    composer = Composer(
+        sender=config.email.sender,
+        sender_name=config.email.sender_name,
+        database=config.couch.database,
+        max_body_bytes=config.email.max_body_bytes,
+    )
+    async with (
+        CouchClient.from_config(config.couch, transport=transport) as couch,
+        EmailHandler(
+            composer=composer, pool=SmtpPool(config.smtp, size=config.worker.max_parallel)
+        ) as handler,
+    ):
+        checkpoints = CheckpointStore(
+            couch,
+            database=config.couch.checkpoint_database,
+            source_database=config.couch.database,
+            shard=shard,
+        )
+        worker = Worker(
+            couch=couch,
+            handler=handler,
+            checkpoints=checkpoints,
+            settings=settings_from_config(config, shard),
+        )
+        if on_start is not None:
+            on_start(worker)
+        if handle_signals:
+            _install_signal_handlers(worker)
+        try:
+            await worker.run()
+        finally:
+            if handle_signals:
+                _remove_signal_handlers()
+    return worker
+
+
+def _install_signal_handlers(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        if len(received) == 1:
+            log.info(
+                "received %s: stopping (finishing in-flight messages; send it again to "
+                "exit at once)",
+                sig.name,
+            )
+            worker.stop()
+        else:
+            log.warning("received %s again: exiting at once", sig.name)
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)

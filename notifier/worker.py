@@ -1,0 +1,454 @@
+"""The worker: wires feed, shard filter, concurrency cap, handler, marking,
+in-flight tracker and checkpoint store into one pipeline, and owns its lifecycle.
+
+::
+
+    _changes ─► shard filter ─► cap (max_parallel) ─► handler ─► mark doc ─► tracker ─► checkpoint
+
+What it promises (see DESIGN.md):
+
+* A change counts as done only once the handler delivered it *and* the
+  document was marked, or once it was dead-lettered. The checkpoint never
+  passes a change that is not done.
+* Every row moves the checkpoint once all rows before it are done, including
+  rows it skips (another shard, design docs, tombstones, bare positions).
+* At most ``max_parallel`` messages are in flight, and the feed is not read
+  while that many are.
+* A 409 while marking means someone else wrote the document: it is re-read and
+  re-checked, never sent again. A document that shows up again while its first
+  copy is still in flight waits for it and is then re-read.
+* Shutdown has one fixed order: stop reading, drain within ``drain_timeout``,
+  cancel what is left, write the final checkpoint. The caller closes the
+  clients afterwards (they are async context managers it owns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+from notifier.backoff import Backoff
+from notifier.checkpoint import CheckpointStore
+from notifier.couch import CouchClient
+from notifier.errors import (
+    ChannelUnavailableError,
+    CouchTransientError,
+    DocumentConflict,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from notifier.feed import Change, ChangeFeed
+from notifier.handler import Handler
+from notifier.shard import Shard
+from notifier.tracker import InFlightTracker
+
+log = logging.getLogger(__name__)
+
+#: The flag existing applications already read.
+NOTIFIED = "notifiedRecipient"
+#: The richer record next to it: when, by which worker, the Message-ID.
+RECORD = "notification"
+#: A dead letter: why the message could not be delivered.
+FAILED = "notificationFailed"
+
+#: The server-side filter. Only ``$exists: false`` behaves the same on CouchDB
+#: and PouchDB Server (in CouchDB a missing field matches no other operator),
+#: and no ``$or`` (PouchDB Server can crash evaluating one).
+SELECTOR: Mapping[str, Any] = {
+    NOTIFIED: {"$exists": False},
+    FAILED: {"$exists": False},
+}
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class _Abandoned(Exception):
+    """A message given up because the worker is stopping; it will be resent later."""
+
+
+@dataclass(slots=True)
+class Stats:
+    """Live counters, for logs, ``__repr__`` and status lines."""
+
+    sent: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    skipped: int = 0
+    conflicts: int = 0
+    abandoned: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkerSettings:
+    """The knobs of one worker; validated by :mod:`notifier.config` or the caller."""
+
+    database: str
+    shard: Shard
+    max_parallel: int = 10
+    checkpoint_interval: float = 5.0
+    drain_timeout: float = 30.0
+    heartbeat: float = 10.0
+    max_attempts: int = 5
+    resync_after: float = 60.0
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be at least 1, got {self.max_parallel}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+class Worker:
+    """One worker process's pipeline. ``await run()``; call ``stop()`` from anywhere."""
+
+    def __init__(
+        self,
+        *,
+        couch: CouchClient,
+        handler: Handler,
+        checkpoints: CheckpointStore,
+        settings: WorkerSettings,
+    ) -> None:
+        self._couch = couch
+        self._handler = handler
+        self._checkpoints = checkpoints
+        self.settings = s = settings
+        self.feed = ChangeFeed(
+            couch,
+            database=s.database,
+            selector=SELECTOR,
+            heartbeat=s.heartbeat,
+            resync_after=s.resync_after,
+        )
+        self.tracker = InFlightTracker()
+        self.stats = Stats()
+        self.ready = asyncio.Event()
+        self._slots = asyncio.Semaphore(s.max_parallel)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._saved_arrival = 0
+        self._smtp_down_since: float | None = None
+        self._couch_down_since: float | None = None
+
+    def __repr__(self) -> str:
+        st = self.stats
+        return (
+            f"<Worker {self.settings.shard} in_flight={len(self._tasks)} sent={st.sent} "
+            f"dead_lettered={st.dead_lettered} retried={st.retried} skipped={st.skipped} "
+            f"checkpoint_writes={self._checkpoints.writes}>"
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def stop(self) -> None:
+        """Ask the worker to shut down; safe to call any number of times."""
+        self._stopping.set()
+        self._wake.set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow the feed until :meth:`stop`; then shut down in order.
+
+        Raises the first fatal error (CouchDB auth, missing database, SMTP
+        login) after the same orderly shutdown.
+        """
+        s = self.settings
+        since = await self._checkpoints.load()
+        if since is None:
+            log.info("worker %s: no checkpoint yet; starting from the beginning", s.shard)
+        else:
+            log.info("worker %s: resuming from checkpoint %r", s.shard, since)
+        await self._handler.check()
+        if self._stopping.is_set():
+            return
+        follower = asyncio.create_task(self._follow(0 if since is None else since))
+        timer = asyncio.create_task(self._checkpoint_timer())
+        for task in (follower, timer):
+            task.add_done_callback(self._on_background_done)
+        self.ready.set()
+        try:
+            await self._wake.wait()
+        finally:
+            await self._shutdown(follower, timer)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _shutdown(self, follower: asyncio.Task[None], timer: asyncio.Task[None]) -> None:
+        s = self.settings
+        # 1. Stop intake.
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        # 2. Drain what is in flight, within the deadline.
+        if self._tasks:
+            log.info(
+                "worker %s: draining %d in-flight messages (deadline %.0fs)",
+                s.shard,
+                len(self._tasks),
+                s.drain_timeout,
+            )
+            _, pending = await asyncio.wait(set(self._tasks), timeout=s.drain_timeout)
+            # 3. Cancel what the deadline left; it was not marked, so it is
+            # not done, and the checkpoint stays before it.
+            if pending:
+                log.warning(
+                    "worker %s: drain deadline of %.0fs passed; %d messages were interrupted "
+                    "and will be sent again after a restart",
+                    s.shard,
+                    s.drain_timeout,
+                    len(pending),
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        # 4. Final checkpoint.
+        timer.cancel()
+        await asyncio.gather(timer, return_exceptions=True)
+        try:
+            await self._save_checkpoint()
+        except Exception as e:
+            log.error("worker %s: final checkpoint not written: %s", s.shard, e)
+        st = self.stats
+        log.info(
+            "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, checkpoint %r",
+            s.shard,
+            st.sent,
+            st.dead_lettered,
+            st.retried,
+            st.skipped,
+            self._checkpoints.saved,
+        )
+
+    def _fail(self, error: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = error
+            log.error("worker %s: stopping on a fatal error: %s", self.settings.shard, error)
+        self._stopping.set()
+        self._wake.set()
+
+    def _on_background_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    def _on_message_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    # -- intake --------------------------------------------------------------
+
+    async def _follow(self, since: object) -> None:
+        rows = self.feed.follow(since)
+        try:
+            while True:
+                # Take a slot *before* reading: while max_parallel messages are
+                # in flight the feed is not read at all, so the backlog stays
+                # on the server and memory does not grow with it.
+                await self._slots.acquire()
+                try:
+                    change = await anext(rows)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not self._wanted(change):
+                    self._slots.release()
+                    self.tracker.add_done(change.seq)
+                    continue
+                arrival = self.tracker.add(change.seq)
+                task = asyncio.create_task(self._process(arrival, change))
+                self._tasks.add(task)
+                task.add_done_callback(self._on_message_done)
+        finally:
+            await rows.aclose()
+
+    def _wanted(self, change: Change) -> bool:
+        """Whether a row is this worker's work; everything else only moves the checkpoint."""
+        doc_id = change.doc_id
+        if doc_id is None:
+            return False  # a bare position (last_seq)
+        if change.deleted or doc_id.startswith("_design/") or not self.settings.shard.owns(doc_id):
+            self.stats.skipped += 1
+            return False
+        if change.doc is not None and is_settled(change.doc):
+            self.stats.skipped += 1
+            return False
+        return True
+
+    # -- one message -----------------------------------------------------------
+
+    async def _process(self, arrival: int, change: Change) -> None:
+        doc_id = change.doc_id
+        assert doc_id is not None
+        try:
+            doc = change.doc
+            waited = False
+            # The same document may come again while its first copy is in
+            # flight (a user edit, a replayed feed). Wait for that one and
+            # look at the document afresh rather than send it twice.
+            while (earlier := self._active.get(doc_id)) is not None:
+                await earlier.wait()
+                waited = True
+            done = asyncio.Event()
+            self._active[doc_id] = done
+            try:
+                if waited or doc is None:
+                    doc = await self._couch_call(
+                        self._couch.get_doc, self.settings.database, doc_id
+                    )
+                if doc is None or is_settled(doc):
+                    self.stats.skipped += 1
+                else:
+                    fields = await self._deliver(doc)
+                    await self._mark(doc, fields)
+            finally:
+                del self._active[doc_id]
+                done.set()
+            self.tracker.complete(arrival)
+        except _Abandoned:
+            self.stats.abandoned += 1
+        finally:
+            self._slots.release()
+
+    async def _deliver(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """Deliver with retries; return the fields that mark the outcome on the doc."""
+        s = self.settings
+        backoff = Backoff(base=s.retry_base, cap=s.retry_cap)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                receipt = await self._handler.deliver(doc)
+            except PermanentDeliveryError as e:
+                return self._dead_letter(doc, str(e), attempts)
+            except ChannelUnavailableError as e:
+                # The server is down: that is no fault of this message, so it
+                # does not use up its attempts; it waits for the server.
+                attempts -= 1
+                if self._smtp_down_since is None:
+                    self._smtp_down_since = time.monotonic()
+                    log.warning("%s; retrying with backoff", e)
+            except TransientDeliveryError as e:
+                if attempts >= s.max_attempts:
+                    return self._dead_letter(
+                        doc, f"gave up after {attempts} attempts: {e}", attempts
+                    )
+                log.info("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
+            else:
+                if self._smtp_down_since is not None:
+                    log.info(
+                        "SMTP server reachable again after %.1fs",
+                        time.monotonic() - self._smtp_down_since,
+                    )
+                    self._smtp_down_since = None
+                self.stats.sent += 1
+                log.debug("message %s delivered to the SMTP server", doc["_id"])
+                return {
+                    NOTIFIED: True,
+                    RECORD: {**receipt, **self._stamp(attempts, "sentAt")},
+                }
+            self.stats.retried += 1
+            await self._pause(backoff.next_delay())
+
+    def _dead_letter(self, doc: Mapping[str, Any], reason: str, attempts: int) -> dict[str, Any]:
+        self.stats.dead_lettered += 1
+        log.warning("message %s dead-lettered: %s", doc.get("_id"), reason)
+        return {FAILED: {"reason": reason, **self._stamp(attempts, "failedAt")}}
+
+    def _stamp(self, attempts: int, when: str) -> dict[str, Any]:
+        return {
+            when: datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
+            "worker": str(self.settings.shard),
+            "attempts": attempts,
+        }
+
+    async def _mark(self, doc: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
+        """Write the outcome onto the doc; on 409 re-read and re-check, never resend."""
+        database, doc_id = self.settings.database, doc["_id"]
+        current: Mapping[str, Any] = doc
+        while True:
+            try:
+                await self._couch_call(self._couch.put_doc, database, {**current, **fields})
+                return
+            except DocumentConflict:
+                self.stats.conflicts += 1
+            fresh = await self._couch_call(self._couch.get_doc, database, doc_id)
+            if fresh is None:
+                log.info("message %s was deleted while in flight; nothing to mark", doc_id)
+                return
+            if is_settled(fresh):
+                log.info("message %s was marked by someone else meanwhile", doc_id)
+                return
+            # The user edited it while we were sending: keep their edit, add our mark.
+            current = fresh
+
+    async def _couch_call(
+        self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a CouchDB request, retrying transient failures until it works.
+
+        A message that was sent must be marked, so this does not give up; the
+        drain deadline is what bounds it at shutdown.
+        """
+        backoff = Backoff(base=0.5, cap=30.0)
+        while True:
+            try:
+                result = await call(*args, **kwargs)
+            except CouchTransientError as e:
+                if self._couch_down_since is None:
+                    self._couch_down_since = time.monotonic()
+                    log.warning("CouchDB request failed: %s; retrying with backoff", e)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if self._couch_down_since is not None:
+                log.info(
+                    "CouchDB requests succeed again after %.1fs",
+                    time.monotonic() - self._couch_down_since,
+                )
+                self._couch_down_since = None
+            return result
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep before a retry, unless the worker is stopping: then give the message up."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        except TimeoutError:
+            return
+        raise _Abandoned
+
+    # -- checkpoints -------------------------------------------------------------
+
+    async def _checkpoint_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            try:
+                await self._save_checkpoint()
+            except CouchTransientError as e:
+                log.warning("checkpoint not written, will try again: %s", e)
+
+    async def _save_checkpoint(self) -> None:
+        """Write the checkpoint if it moved (arrival numbers tell; seqs are never compared)."""
+        arrival = self.tracker.checkpoint_arrival
+        seq = self.tracker.checkpoint
+        if seq is None or arrival == self._saved_arrival:
+            return
+        await self._checkpoints.save(seq)
+        self._saved_arrival = arrival
+        log.debug("checkpoint %r written", seq)
+
+
+def is_settled(doc: Mapping[str, Any]) -> bool:
+    """Whether a document is already notified or dead-lettered (the selector's complement)."""
+    return NOTIFIED in doc or FAILED in doc
