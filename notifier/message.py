@@ -81,8 +81,9 @@ class Composer:
         msg = EmailMessage()
         msg["From"] = Address(display_name=self.sender_name, addr_spec=self.sender)
         msg["To"] = Address(addr_spec=to)
-        if author and _ADDRESS.fullmatch(author):
-            msg["Reply-To"] = Address(addr_spec=author)
+        reply_to = _plain_address(author)
+        if reply_to is not None:
+            msg["Reply-To"] = reply_to
         msg["Subject"] = subject or (f"New message from {author}" if author else "New message")
         msg["Date"] = format_datetime(_created_at(doc))
         msg["Message-ID"] = self.message_id(doc_id)
@@ -136,6 +137,20 @@ def text_field(doc: Mapping[str, Any], name: str, *, single_line: bool) -> str |
     if _CONTROL.search(value.replace("\r\n", "\n")):
         raise PermanentDeliveryError(f"'{name}' contains control characters")
     return value
+
+
+def _plain_address(value: str | None) -> Address | None:
+    """``value`` as an Address if it is exactly one plain address, else ``None``.
+
+    ``from`` is informative only (it is shown in the text), so an odd value is
+    not a reason to refuse the message; it just gives no Reply-To.
+    """
+    if not value or not _ADDRESS.fullmatch(value):
+        return None
+    try:
+        return Address(addr_spec=value)
+    except Exception:  # the parser raises assorted defect classes
+        return None
 
 
 def _created_at(doc: Mapping[str, Any]) -> datetime:

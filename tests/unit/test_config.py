@@ -1,0 +1,136 @@
+"""Configuration: every mistake is named with file, key and expectation; secrets stay hidden."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from notifier import config
+from notifier.config import ConfigError, Secret
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "notifier.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_and_matches_the_defaults() -> None:
+    loaded = config.load(EXAMPLE, environ={})
+    defaults = config.from_mapping({"email": {"sender": "notifications@example.com"}}, environ={})
+    assert loaded.couch == defaults.couch
+    assert loaded.smtp == defaults.smtp
+    assert loaded.email == defaults.email
+    assert loaded.worker == defaults.worker
+
+
+def test_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
+    for section in (config.CouchConfig, config.SmtpConfig, config.EmailConfig,
+                    config.WorkerConfig):
+        for field in section.__dataclass_fields__:
+            if field != "password":
+                assert field in documented, f"{section.__name__}.{field} missing from example"
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[couch\nurl=")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: not valid TOML"):
+        config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[worker]\nmax_paralel = 3", r"\[worker\] max_paralel: unknown key"),
+        ("[wokrer]\n", r"unknown section \[wokrer\]"),
+        ("[worker]\nmax_parallel = 'ten'", r"\[worker\] max_parallel: expected an integer"),
+        ("[worker]\nmax_parallel = 0", r"\[worker\] max_parallel: expected a value greater"),
+        ("[worker]\ndrain_timeout = true", r"\[worker\] drain_timeout: expected a number"),
+        ("[smtp]\nsecurity = 'ssl'", r"\[smtp\] security: expected one of 'none'"),
+        ("[smtp]\nport = 25.5", r"\[smtp\] port: expected an integer"),
+        ("[couch]\nurl = 'ftp://x'", r"\[couch\] url: expected an http"),
+        ("[couch]\npassword = 'x'", r"\[couch\] password: unknown key \(passwords come from"),
+        ("[couch]\nusername = 'u'", r"\[couch\] username is set but there is no password"),
+        ("[email]\nsender = 'not an address'", r"\[email\] sender: expected an email address"),
+        ("couch = 3", r"\[couch\] must be a table"),
+    ],
+)
+def test_mistakes_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
+    if "[email]" not in text:
+        text += "\n[email]\nsender = 'n@example.com'\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load(path, environ={})
+    assert str(info.value).startswith(str(path))
+
+
+def test_missing_required_key() -> None:
+    with pytest.raises(ConfigError, match=r"\[email\] sender: required key is missing"):
+        config.from_mapping({}, environ={})
+
+
+def test_credentials_in_the_url_are_refused_without_echoing_them() -> None:
+    data: dict[str, Any] = {
+        "couch": {"url": "http://admin:s3cr3t@couch:5984"},
+        "email": {"sender": "n@example.com"},
+    }
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(data, environ={})
+    assert "s3cr3t" not in str(info.value)
+
+
+def test_password_from_environment_never_shows(tmp_path: Path) -> None:
+    path = write(tmp_path, "[couch]\nusername = 'u'\n[email]\nsender = 'n@example.com'\n")
+    loaded = config.load(path, environ={config.COUCH_PASSWORD_ENV: "s3cr3t"})
+    assert loaded.couch.password == Secret("s3cr3t")
+    assert "s3cr3t" not in repr(loaded)
+    assert "s3cr3t" not in str(loaded)
+
+
+def test_password_file_wins_and_loses_its_trailing_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "smtp-password"
+    secret.write_text("from-file\n")
+    path = write(
+        tmp_path,
+        f"[smtp]\nusername = 'u'\npassword_file = '{secret}'\n[email]\nsender = 'n@example.com'\n",
+    )
+    loaded = config.load(path, environ={config.SMTP_PASSWORD_ENV: "from-env"})
+    assert loaded.smtp.password is not None
+    assert loaded.smtp.password.reveal() == "from-file"
+
+
+def test_unreadable_password_file_is_named_without_content(tmp_path: Path) -> None:
+    missing = tmp_path / "absent"
+    path = write(
+        tmp_path,
+        f"[smtp]\nusername = 'u'\npassword_file = '{missing}'\n[email]\nsender = 'n@example.com'\n",
+    )
+    with pytest.raises(ConfigError, match=r"\[smtp\] password_file: cannot read .*absent"):
+        config.load(path, environ={})
+
+
+def test_integers_are_accepted_where_seconds_are_expected() -> None:
+    loaded = config.from_mapping(
+        {"worker": {"drain_timeout": 3}, "email": {"sender": "n@example.com"}}, environ={}
+    )
+    assert loaded.worker.drain_timeout == 3.0
+    assert isinstance(loaded.worker.drain_timeout, float)
+
+
+def test_example_is_valid_toml_with_only_known_sections() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    assert set(data) == {"couch", "smtp", "email", "worker"}

@@ -1,0 +1,132 @@
+"""Composing emails from untrusted documents: no header injection, proper encoding."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from typing import Any
+
+import pytest
+
+from notifier.errors import PermanentDeliveryError
+from notifier.message import Composer
+
+COMPOSER = Composer(sender="notify@example.com", database="messages", max_body_bytes=1000)
+
+
+def good(**fields: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "_id": "m1",
+        "_rev": "1-abc",
+        "from": "someone@example.com",
+        "to": "whaa@example.com",
+        "subject": "Test 123",
+        "body": "Test message body",
+        "createdAt": 1422870000000,
+    }
+    doc.update(fields)
+    return doc
+
+
+def wire(doc: dict[str, Any]) -> email.message.EmailMessage:
+    """What the SMTP server would receive, parsed back."""
+    raw = COMPOSER.compose(doc).as_bytes(policy=email.policy.SMTP)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    return parsed
+
+
+def test_email_says_who_wrote_the_subject_and_the_body() -> None:
+    msg = wire(good())
+    assert msg["To"] == "whaa@example.com"
+    assert msg["From"] == "Notifier <notify@example.com>"
+    assert msg["Reply-To"] == "someone@example.com"
+    assert msg["Subject"] == "Test 123"
+    assert msg["Date"] == "Mon, 02 Feb 2015 09:40:00 +0000"
+    text = msg.get_content()
+    assert "someone@example.com wrote" in text
+    assert "Test 123" in text
+    assert "Test message body" in text
+
+
+def test_message_id_is_derived_from_the_document() -> None:
+    first = wire(good())["Message-ID"]
+    again = wire(good(_rev="2-def", body="edited"))["Message-ID"]
+    other = wire(good(_id="m2"))["Message-ID"]
+    assert first == again
+    assert first != other
+    assert first.endswith("@example.com>")
+
+
+def test_unicode_headers_are_encoded_and_round_trip() -> None:
+    doc = good(subject="Grüße ☃ — 你好", body="héllo wörld", **{"from": "zoë@example.com"})
+    raw = COMPOSER.compose(doc).as_bytes(policy=email.policy.SMTP)
+    headers = raw.split(b"\r\n\r\n", 1)[0]
+    assert headers.isascii(), "non-ASCII headers must be RFC 2047 encoded"
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == "Grüße ☃ — 你好"
+    assert "héllo wörld" in msg.get_content()  # type: ignore[attr-defined]
+
+
+def test_international_domain_is_sent_as_idna() -> None:
+    assert wire(good(to="user@exämple.com"))["To"] == "user@xn--exmple-cua.com"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"to": None}, "no 'to' field"),
+        ({"to": 42}, "'to' is a number"),
+        ({"to": ["a@example.com"]}, "'to' is a list"),
+        ({"to": {"a": 1}}, "'to' is an object"),
+        ({"to": True}, "'to' is a boolean"),
+        ({"to": ""}, "'to' is empty"),
+        ({"to": "   "}, "'to' is empty"),
+        ({"to": "not-an-address"}, "'to' is not a valid email address"),
+        ({"to": "a@b.com, c@d.com"}, "'to' is not a valid email address"),
+        ({"to": "Ann <a@b.com>"}, "'to' is not a valid email address"),
+        ({"to": "a@example.com\r\nBcc: evil@example.com"}, "'to' contains a line break"),
+        ({"to": "a@example.com\nBcc: evil@example.com"}, "'to' contains a line break"),
+        ({"subject": "Hi\r\nBcc: evil@example.com"}, "'subject' contains a line break"),
+        ({"subject": "Hi\u2028Bcc: evil@example.com"}, "'subject' contains a line break"),
+        ({"from": "x@example.com\r\nBcc: evil@example.com"}, "'from' contains a line break"),
+        ({"subject": 5}, "'subject' is a number"),
+        ({"body": ["a"]}, "'body' is a list"),
+        ({"body": "x" * 1001}, "'body' is 1001 bytes, over the limit of 1000"),
+        ({"body": "null\x00byte"}, "'body' contains control characters"),
+        ({"_id": None}, "no string '_id'"),
+    ],
+)
+def test_undeliverable_documents_get_a_reason_naming_the_problem(
+    fields: dict[str, Any], reason: str
+) -> None:
+    doc = good(**fields)
+    if fields.get("to", "") is None:
+        del doc["to"]
+    with pytest.raises(PermanentDeliveryError) as info:
+        COMPOSER.compose(doc)
+    assert reason in str(info.value)
+
+
+def test_a_doc_with_no_fields_at_all_is_refused() -> None:
+    with pytest.raises(PermanentDeliveryError, match="no 'to' field"):
+        COMPOSER.compose({"_id": "empty", "_rev": "1-x"})
+
+
+def test_optional_fields_may_be_missing() -> None:
+    msg = wire({"_id": "m9", "to": "ann@example.com"})
+    assert msg["Subject"] == "New message"
+    assert msg["Reply-To"] is None
+    assert msg["Date"] is not None
+
+
+def test_a_display_name_in_from_is_shown_but_not_used_as_reply_to() -> None:
+    msg = wire(good(**{"from": "Bob <bob@example.com>"}))
+    assert msg["Reply-To"] is None
+    assert "Bob <bob@example.com> wrote" in msg.get_content()
+
+
+def test_crlf_in_the_body_stays_in_the_body() -> None:
+    msg = wire(good(body="line one\r\nBcc: evil@example.com\r\n"))
+    assert msg["Bcc"] is None
+    assert "Bcc: evil@example.com" in msg.get_content()
