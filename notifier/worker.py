@@ -167,6 +167,9 @@ class Worker:
         login) after the same orderly shutdown.
         """
         s = self.settings
+        # Fail fast, and with a clear message, on a wrong URL, credentials or
+        # database name, before anything else is read or written.
+        await self._couch.database_info(s.database)
         since = await self._checkpoints.load()
         if since is None:
             log.info("worker %s: no checkpoint yet; starting from the beginning", s.shard)

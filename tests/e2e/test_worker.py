@@ -1,0 +1,390 @@
+"""The worker in process, against a real PouchDB Server and a real SMTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import pytest
+from conftest import MakeConfig, message, seed
+from realservers import CouchTestDB
+
+from notifier.checkpoint import CheckpointStore
+from notifier.couch import CouchClient
+from notifier.errors import CouchFatalError, DeliveryFatalError
+from notifier.handler import Receipt
+from notifier.shard import Shard
+from notifier.testing.smtp import ReceivedEnvelopeInfo, SmtpSink
+from notifier.testing.worker import run_until, wait_for, worker_running
+from notifier.worker import FAILED, NOTIFIED, RECORD, Worker, WorkerSettings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+def checkpoint_doc(couch: CouchTestDB, database: str, doc_id: str) -> dict[str, Any] | None:
+    response = couch.client.get(f"/{database}/{doc_id}")
+    return response.json() if response.status_code == 200 else None
+
+
+def settled(couch: CouchTestDB) -> list[dict[str, Any]]:
+    return [d for d in couch.all_docs() if NOTIFIED in d or FAILED in d]
+
+
+async def test_every_message_is_sent_once_marked_and_checkpointed(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    recipients = seed(couch, 50)
+    config = make_config()
+    worker = await run_until(config, lambda: len(smtp_sink.messages) >= 50)
+
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    docs = couch.all_docs()
+    assert all(d[NOTIFIED] is True for d in docs)
+    assert all(d[RECORD]["worker"] == "0/1" for d in docs)
+    sent_ids = {m.message["Message-ID"] for m in smtp_sink.messages}
+    assert sent_ids == {d[RECORD]["messageId"] for d in docs}
+    ckpt = checkpoint_doc(couch, config.couch.checkpoint_database, f"{couch.name}.worker-0-of-1")
+    assert ckpt is not None and "since" in ckpt
+    assert worker.stats.sent == 50
+
+
+async def test_a_restart_sends_nothing_again(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 20)
+    config = make_config()
+    await run_until(config, lambda: len(smtp_sink.messages) >= 20)
+    async with worker_running(config) as again:
+        # Give the second run time to see the whole feed: its checkpoint
+        # covers everything, and the marks keep the rest out of the filter.
+        await wait_for(lambda: again.tracker.arrived >= 1 or again.feed.rows == 0, timeout=5)
+        await asyncio.sleep(1.5)
+    assert len(smtp_sink.messages) == 20
+    assert again.stats.sent == 0
+
+
+async def test_messages_added_while_running_are_delivered(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 5)
+    async with worker_running(make_config()):
+        await smtp_sink.await_count(5, timeout=20)
+        await asyncio.to_thread(seed, couch, 5, 100)
+        await smtp_sink.await_count(10, timeout=20)
+    assert len(smtp_sink.messages) == 10
+
+
+async def test_bad_documents_are_dead_lettered_and_good_ones_still_go(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    couch.bulk(
+        [
+            message(1),
+            {"_id": "no-to", "subject": "x"},
+            {"_id": "to-number", "to": 42},
+            {"_id": "bcc-injection", "to": "a@example.com\r\nBcc: evil@example.com"},
+            {"_id": "empty"},
+            message(2),
+        ]
+    )
+    await run_until(make_config(), lambda: len(settled(couch)) >= 6)
+
+    assert sorted(smtp_sink.count_by_recipient()) == ["user1@example.com", "user2@example.com"]
+    failed = {d["_id"]: d[FAILED]["reason"] for d in couch.all_docs() if FAILED in d}
+    assert failed == {
+        "no-to": "no 'to' field: no recipient to notify",
+        "to-number": "'to' is a number, expected one email address as a string",
+        "bcc-injection": "'to' contains a line break",
+        "empty": "no 'to' field: no recipient to notify",
+    }
+    assert all(NOTIFIED not in d for d in couch.all_docs() if FAILED in d)
+
+
+async def test_design_docs_and_deleted_docs_are_skipped_but_advance_the_checkpoint(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    couch.put({"_id": "_design/app", "views": {}})
+    rev = couch.put(message(1))["rev"]
+    couch.delete("msg-00001", rev)
+    couch.put(message(2))
+    config = make_config()
+    async with worker_running(config) as worker:
+        await smtp_sink.await_count(1, timeout=20)
+        await wait_for(lambda: worker.tracker.arrived >= 3 and len(worker.tracker) == 0)
+    assert smtp_sink.count_by_recipient() == {"user2@example.com": 1}
+    assert worker.stats.skipped == 2
+    info = couch.client.get(f"/{couch.name}").json()
+    ckpt = checkpoint_doc(couch, config.couch.checkpoint_database, f"{couch.name}.worker-0-of-1")
+    assert ckpt is not None
+    # The checkpoint reached the last row the feed sent (the doc we marked is
+    # filtered out, so it is one short of update_seq on this server).
+    assert ckpt["since"] == worker.tracker.checkpoint
+    assert info["update_seq"] != 0
+
+
+async def test_a_quiet_feed_still_moves_the_checkpoint_past_filtered_changes(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 3)
+    config = make_config()
+    client = CouchClient(url=couch.url)
+    settings = WorkerSettings(
+        database=couch.name,
+        shard=Shard(worker_id=0, worker_count=1),
+        heartbeat=0.2,
+        resync_after=0.5,
+        checkpoint_interval=0.2,
+    )
+    from notifier.mailer import EmailHandler, SmtpPool
+    from notifier.message import Composer
+
+    async with (
+        client,
+        EmailHandler(
+            composer=Composer(sender="n@example.com", database=couch.name),
+            pool=SmtpPool(config.smtp, size=2),
+        ) as handler,
+    ):
+        store = CheckpointStore(
+            client,
+            database=config.couch.checkpoint_database,
+            source_database=couch.name,
+            shard=settings.shard,
+        )
+        worker = Worker(couch=client, handler=handler, checkpoints=store, settings=settings)
+        task = asyncio.create_task(worker.run())
+        update_seq = None
+
+        async def caught_up() -> bool:
+            nonlocal update_seq
+            update_seq = (await client.database_info(couch.name))["update_seq"]
+            return len(smtp_sink.messages) == 3 and store.saved == update_seq
+
+        # The three marks are changes the selector hides; only the resync
+        # request can reveal that the feed stands past them.
+        await wait_for(caught_up, timeout=20)
+        worker.stop()
+        await task
+    assert store.saved == update_seq
+
+
+async def test_two_shards_split_the_work_without_overlap(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    recipients = seed(couch, 60)
+    config = make_config(worker={"worker_count": 2})
+    async with worker_running(config, worker_id=0) as w0, worker_running(config, worker_id=1) as w1:
+        await smtp_sink.await_count(60, timeout=30)
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    shard0 = Shard(worker_id=0, worker_count=2)
+    owned_by_0 = sum(shard0.owns(f"msg-{n:05d}") for n in range(60))
+    assert w0.stats.sent == owned_by_0
+    assert w1.stats.sent == 60 - owned_by_0
+    assert 0 < owned_by_0 < 60
+
+
+class RecordingHandler:
+    """A handler that records concurrency and can act while a message is in flight."""
+
+    def __init__(self, worker_box: list[Worker], delay: float = 0.05) -> None:
+        self.worker_box = worker_box
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.max_unread_gap = 0
+        self.delivered: list[str] = []
+        self.during: dict[str, Any] = {}
+
+    async def check(self) -> None:
+        return None
+
+    async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        worker = self.worker_box[0]
+        # Rows taken off the feed but not finished: never more than the cap.
+        self.max_unread_gap = max(self.max_unread_gap, len(worker.tracker))
+        try:
+            action = self.during.pop(doc["_id"], None)
+            if action is not None:
+                await action()
+            await asyncio.sleep(self.delay)
+            self.delivered.append(doc["_id"])
+            return {"channel": "test"}
+        finally:
+            self.in_flight -= 1
+
+
+async def start_worker(
+    couch: CouchTestDB, handler: RecordingHandler, box: list[Worker], *, max_parallel: int
+) -> tuple[CouchClient, Worker, asyncio.Task[None]]:
+    client = CouchClient(url=couch.url)
+    settings = WorkerSettings(
+        database=couch.name,
+        shard=Shard(worker_id=0, worker_count=1),
+        max_parallel=max_parallel,
+        heartbeat=0.5,
+        checkpoint_interval=0.2,
+    )
+    store = CheckpointStore(
+        client, database="ckpt_" + couch.name, source_database=couch.name, shard=settings.shard
+    )
+    worker = Worker(couch=client, handler=handler, checkpoints=store, settings=settings)
+    box.append(worker)
+    return client, worker, asyncio.create_task(worker.run())
+
+
+async def test_at_most_max_parallel_in_flight_and_the_feed_waits(couch: CouchTestDB) -> None:
+    seed(couch, 40)
+    box: list[Worker] = []
+    handler = RecordingHandler(box, delay=0.05)
+    client, worker, task = await start_worker(couch, handler, box, max_parallel=4)
+    async with client:
+        await wait_for(lambda: len(handler.delivered) == 40, timeout=30)
+        worker.stop()
+        await task
+    assert handler.max_in_flight == 4
+    assert handler.max_unread_gap <= 4
+    assert sorted(handler.delivered) == sorted(f"msg-{n:05d}" for n in range(40))
+
+
+async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
+    couch: CouchTestDB,
+) -> None:
+    seed(couch, 1)
+    box: list[Worker] = []
+    handler = RecordingHandler(box)
+
+    async def user_edits() -> None:
+        doc = await asyncio.to_thread(couch.get, "msg-00000")
+        doc["subject"] = "edited by the user"
+        await asyncio.to_thread(couch.put, doc)
+
+    handler.during["msg-00000"] = user_edits
+    client, worker, task = await start_worker(couch, handler, box, max_parallel=2)
+    async with client:
+        await wait_for(lambda: NOTIFIED in couch.get("msg-00000"), timeout=20)
+        # Let the edited revision come through the feed too.
+        await asyncio.sleep(1.0)
+        worker.stop()
+        await task
+    doc = couch.get("msg-00000")
+    assert handler.delivered == ["msg-00000"]
+    assert doc["subject"] == "edited by the user"
+    assert doc[NOTIFIED] is True
+    assert worker.stats.conflicts == 1
+
+
+async def test_doc_deleted_while_in_flight_is_not_resurrected(couch: CouchTestDB) -> None:
+    seed(couch, 2)
+    box: list[Worker] = []
+    handler = RecordingHandler(box)
+
+    async def user_deletes() -> None:
+        doc = await asyncio.to_thread(couch.get, "msg-00000")
+        await asyncio.to_thread(couch.delete, "msg-00000", doc["_rev"])
+
+    handler.during["msg-00000"] = user_deletes
+    client, worker, task = await start_worker(couch, handler, box, max_parallel=2)
+    async with client:
+        await wait_for(lambda: len(worker.tracker) == 0 and worker.tracker.arrived >= 2)
+        worker.stop()
+        await task
+    assert couch.client.get(f"/{couch.name}/msg-00000").status_code == 404
+    assert sorted(handler.delivered) == ["msg-00000", "msg-00001"]
+
+
+async def test_smtp_5xx_dead_letters_and_4xx_is_retried(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 3)
+    refusals: dict[str, int] = {}
+
+    def reject(info: ReceivedEnvelopeInfo) -> str | None:
+        to = info.rcpt_tos[0]
+        refusals[to] = refusals.get(to, 0) + 1
+        if to == "user0@example.com":
+            return "550 5.1.1 no such user"
+        if to == "user1@example.com" and refusals[to] <= 2:
+            return "451 4.3.0 try again later"
+        if to == "user2@example.com":
+            return "452 4.2.2 mailbox full"
+        return None
+
+    smtp_sink.reject = reject
+    config = make_config(smtp={"max_attempts": 3})
+    from notifier.runner import settings_from_config
+
+    assert settings_from_config(config, Shard(worker_id=0, worker_count=1)).max_attempts == 3
+    async with worker_running(config):
+        await wait_for(lambda: len(settled(couch)) == 3, timeout=60)
+    docs = {d["_id"]: d for d in couch.all_docs()}
+    assert docs["msg-00000"][FAILED]["reason"].startswith("SMTP server refused the message: 550")
+    assert docs["msg-00001"][NOTIFIED] is True
+    assert docs["msg-00001"][RECORD]["attempts"] == 3
+    assert docs["msg-00002"][FAILED]["reason"].startswith("gave up after 3 attempts")
+    assert smtp_sink.count_by_recipient() == {"user1@example.com": 1}
+
+
+async def test_a_missing_database_is_fatal(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    config = make_config(couch={"database": "does_not_exist"})
+    with pytest.raises(CouchFatalError, match="404"):
+        async with worker_running(config):
+            pass
+    assert smtp_sink.messages == []
+
+
+async def test_smtp_login_failure_is_fatal_before_anything_is_taken(
+    couch: CouchTestDB, make_config: MakeConfig
+) -> None:
+    seed(couch, 2)
+    with SmtpSink(username="notifier", password="right") as sink:
+        config = make_config(smtp={"port": sink.port})
+        from dataclasses import replace
+
+        from notifier.config import Secret
+
+        config = replace(
+            config, smtp=replace(config.smtp, username="notifier", password=Secret("wrong"))
+        )
+        with pytest.raises(DeliveryFatalError, match="refused the login"):
+            async with worker_running(config):
+                pass
+        assert "wrong" not in repr(config)
+    assert all(NOTIFIED not in d for d in couch.all_docs())
+
+
+class FailingCheckpointReads(httpx.AsyncBaseTransport):
+    """Real HTTP to the server, except that checkpoint reads get a 500."""
+
+    def __init__(self, checkpoint_db: str) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._checkpoint_db = checkpoint_db
+        self.failed = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path.startswith(f"/{self._checkpoint_db}/"):
+            self.failed += 1
+            return httpx.Response(500, json={"error": "internal", "reason": "disk on fire"})
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_an_unreadable_checkpoint_stops_the_worker_instead_of_starting_from_zero(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 3)
+    config = make_config()
+    transport = FailingCheckpointReads(config.couch.checkpoint_database)
+    with pytest.raises(Exception, match="500") as info:
+        async with worker_running(config, transport=transport):
+            pass
+    assert not isinstance(info.value, AssertionError)
+    assert transport.failed == 1
+    assert smtp_sink.messages == []
