@@ -1,0 +1,439 @@
+"""A real SMTP server on loopback that records what it accepts, with fault knobs.
+
+`SmtpSink` wraps aiosmtpd's threaded `Controller`: the server runs its own
+event loop in a background thread, so it serves the code under test whether
+that code is synchronous, runs in the test's event loop, or is a separate
+process (the notifier CLI) connecting over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.policy
+import errno
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.parser import BytesParser
+from types import TracebackType
+from typing import Literal, Self
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+__all__ = [
+    "ReceivedEnvelopeInfo",
+    "ReceivedMessage",
+    "RefusedMessage",
+    "SmtpSink",
+]
+
+_LOOPBACK = "127.0.0.1"
+# Passed as the SMTP greeting name so that aiosmtpd does not call
+# socket.getfqdn(), which can stall for seconds on a host without DNS.
+_SERVER_NAME = "smtp-sink.localhost"
+_BIND_ATTEMPTS = 5
+_PARSER = BytesParser(policy=email.policy.default)
+
+
+@dataclass(frozen=True)
+class ReceivedEnvelopeInfo:
+    """What the `reject` hook sees: the envelope and the raw message content."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """A message the sink accepted (answered 250 to DATA)."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+    raw: bytes
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RefusedMessage:
+    """A refusal the sink sent because a `reject` or `reject_recipient` hook asked for it.
+
+    `stage` is "RCPT" for a recipient refused by `reject_recipient` (then
+    `rcpt_tos` holds that one address and `raw` is empty, since no content was
+    sent yet) and "DATA" for a message refused by `reject`.
+    """
+
+    stage: Literal["RCPT", "DATA"]
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    reply: str
+    refused_at: float
+
+
+RejectHook = Callable[[ReceivedEnvelopeInfo], str | None]
+RejectRecipientHook = Callable[[str], str | None]
+
+
+def _pick_free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class _State:
+    """Everything shared between the test's thread(s) and the server's loop thread."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    arrived: threading.Condition = field(init=False)
+    received: list[ReceivedMessage] = field(default_factory=list)
+    refused: list[RefusedMessage] = field(default_factory=list)
+    delay: float = 0.0
+    reject: RejectHook | None = None
+    reject_recipient: RejectRecipientHook | None = None
+
+    def __post_init__(self) -> None:
+        self.arrived = threading.Condition(self.lock)
+
+
+class _Handler:
+    """aiosmtpd handler: every hook runs on the server's loop thread."""
+
+    def __init__(self, state: _State, require_auth: bool) -> None:
+        self._state = state
+        self._require_auth = require_auth
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        # Enforced here rather than with aiosmtpd's auth_required, which warns
+        # on every connection when TLS is not also required; a loopback test
+        # server has no use for TLS.
+        if self._require_auth and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        with self._state.lock:
+            hook = self._state.reject_recipient
+        reply = hook(address) if hook is not None else None
+        if reply is not None:
+            with self._state.lock:
+                self._state.refused.append(
+                    RefusedMessage(
+                        stage="RCPT",
+                        mail_from=envelope.mail_from or "",
+                        rcpt_tos=[address],
+                        raw=b"",
+                        reply=reply,
+                        refused_at=time.monotonic(),
+                    )
+                )
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        with self._state.lock:
+            delay = self._state.delay
+            hook = self._state.reject
+        if delay > 0:
+            # The reply is what tells the client the message is safe; holding
+            # it back is how a slow server looks from the client's side.
+            await asyncio.sleep(delay)
+        raw = envelope.original_content or b""
+        info = ReceivedEnvelopeInfo(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            raw=raw,
+        )
+        reply = hook(info) if hook is not None else None
+        now = time.monotonic()
+        with self._state.lock:
+            if reply is not None:
+                self._state.refused.append(
+                    RefusedMessage(
+                        stage="DATA",
+                        mail_from=info.mail_from,
+                        rcpt_tos=info.rcpt_tos,
+                        raw=raw,
+                        reply=reply,
+                        refused_at=now,
+                    )
+                )
+                return reply
+            self._state.received.append(
+                ReceivedMessage(
+                    mail_from=info.mail_from,
+                    rcpt_tos=info.rcpt_tos,
+                    message=_parse(raw),
+                    raw=raw,
+                    received_at=now,
+                )
+            )
+            self._state.arrived.notify_all()
+        return "250 Message accepted for delivery"
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    parsed = _PARSER.parsebytes(raw)
+    # email.policy.default always builds EmailMessage; the check keeps the
+    # declared type honest for callers.
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+class SmtpSink:
+    """An SMTP server on 127.0.0.1 that records accepted messages.
+
+    Use it as a context manager (or `start()`/`stop()`), then point the code
+    under test at `host`/`port`. Accepted messages are in `messages`; wait for
+    them with `wait_for()` from synchronous code or `await_count()` from a
+    coroutine (never call `wait_for()` in an event loop that also runs the
+    sender: it would block the sender).
+
+    Fault knobs, safe to change at any time from any thread:
+
+    - `delay`: seconds the server waits before answering DATA.
+    - `reject`: called with the envelope and content of each message; a
+      returned SMTP reply such as "451 4.3.0 try later" or "550 5.1.1 no such
+      user" is sent instead of accepting it.
+    - `reject_recipient`: called with each RCPT TO address; a returned reply
+      refuses that recipient before any content is sent.
+
+    Refusals are recorded in `refused`, not in `messages`. With `username`
+    and `password`, the server requires AUTH (PLAIN or LOGIN) before MAIL.
+    """
+
+    def __init__(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        host: str = _LOOPBACK,
+        ready_timeout: float = 5.0,
+    ) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("give both username and password, or neither")
+        self.host = host
+        self.port = 0
+        self.username = username
+        self.password = password
+        self._ready_timeout = ready_timeout
+        self._state = _State()
+        self._controller: Controller | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        if self._controller is not None:
+            raise RuntimeError("SmtpSink is already running")
+        last_error: OSError | None = None
+        # aiosmtpd cannot bind port 0 and report the port it got, so a free
+        # port is chosen first; another process may take it in between.
+        for _ in range(_BIND_ATTEMPTS):
+            port = _pick_free_port(self.host)
+            controller = self._make_controller(port)
+            try:
+                controller.start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                last_error = exc
+                _discard(controller)
+                continue
+            self._controller = controller
+            self.port = port
+            return
+        raise RuntimeError(
+            f"SmtpSink could not bind a free port on {self.host} "
+            f"after {_BIND_ATTEMPTS} attempts: {last_error}"
+        )
+
+    def stop(self) -> None:
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            controller.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _make_controller(self, port: int) -> Controller:
+        require_auth = self.username is not None
+        handler = _Handler(self._state, require_auth=require_auth)
+        if not require_auth:
+            return Controller(
+                handler,
+                hostname=self.host,
+                port=port,
+                ready_timeout=self._ready_timeout,
+                server_hostname=_SERVER_NAME,
+            )
+        return Controller(
+            handler,
+            hostname=self.host,
+            port=port,
+            ready_timeout=self._ready_timeout,
+            server_hostname=_SERVER_NAME,
+            authenticator=self._authenticate,
+            # Without this aiosmtpd does not even advertise AUTH on a plain
+            # connection; handle_MAIL enforces it instead of auth_required.
+            auth_require_tls=False,
+        )
+
+    def _authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: object,
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.username is not None
+            and self.password is not None
+            and auth_data.login == self.username.encode()
+            and auth_data.password == self.password.encode()
+        )
+        # handled=False makes aiosmtpd send its own 535 reply on failure;
+        # with the default it sends nothing and the client hangs.
+        return AuthResult(success=ok, handled=False)
+
+    # -- fault knobs -------------------------------------------------------
+
+    @property
+    def delay(self) -> float:
+        with self._state.lock:
+            return self._state.delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("delay must be >= 0")
+        with self._state.lock:
+            self._state.delay = seconds
+
+    @property
+    def reject(self) -> RejectHook | None:
+        with self._state.lock:
+            return self._state.reject
+
+    @reject.setter
+    def reject(self, hook: RejectHook | None) -> None:
+        with self._state.lock:
+            self._state.reject = hook
+
+    @property
+    def reject_recipient(self) -> RejectRecipientHook | None:
+        with self._state.lock:
+            return self._state.reject_recipient
+
+    @reject_recipient.setter
+    def reject_recipient(self, hook: RejectRecipientHook | None) -> None:
+        with self._state.lock:
+            self._state.reject_recipient = hook
+
+    # -- what arrived ------------------------------------------------------
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        with self._state.lock:
+            return list(self._state.received)
+
+    @property
+    def refused(self) -> list[RefusedMessage]:
+        with self._state.lock:
+            return list(self._state.refused)
+
+    def count_by_recipient(self) -> collections.Counter[str]:
+        """How many accepted messages each envelope recipient got."""
+        counts: collections.Counter[str] = collections.Counter()
+        for received in self.messages:
+            counts.update(received.rcpt_tos)
+        return counts
+
+    def clear(self) -> None:
+        """Forget accepted and refused messages (the knobs are kept)."""
+        with self._state.lock:
+            self._state.received.clear()
+            self._state.refused.clear()
+
+    def wait_for(self, n: int, timeout: float) -> list[ReceivedMessage]:
+        """Block until at least `n` messages were accepted; return them all."""
+        deadline = time.monotonic() + timeout
+        with self._state.arrived:
+            while len(self._state.received) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(self._shortfall(n, timeout))
+                self._state.arrived.wait(remaining)
+            return list(self._state.received)
+
+    # The timeout is a parameter, not left to asyncio.timeout() around the
+    # call, so that the error can say how many messages did arrive.
+    async def await_count(
+        self,
+        n: int,
+        timeout: float,  # noqa: ASYNC109
+        *,
+        poll_interval: float = 0.01,
+    ) -> list[ReceivedMessage]:
+        """Like `wait_for`, without blocking the calling event loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state.lock:
+                if len(self._state.received) >= n:
+                    return list(self._state.received)
+                shortfall = self._shortfall(n, timeout)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(shortfall)
+            await asyncio.sleep(poll_interval)
+
+    def _shortfall(self, n: int, timeout: float) -> str:
+        # Called with the lock held.
+        return (
+            f"expected {n} message(s) within {timeout:g} s, "
+            f"{len(self._state.received)} arrived "
+            f"({len(self._state.refused)} refused)"
+        )
+
+
+def _discard(controller: Controller) -> None:
+    # A controller whose bind failed leaves its thread finished but its
+    # private event loop open; close it so the retry leaks nothing.
+    controller.stop(no_assert=True)
+    if not controller.loop.is_closed():
+        controller.loop.close()

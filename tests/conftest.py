@@ -1,0 +1,71 @@
+"""Fixtures backed by real servers: PouchDB Server (CouchDB API) and an SMTP sink."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from realservers import CouchTestDB, PouchDBServer, create_database, delete_database, unique_db_name
+
+from notifier.testing.smtp import SmtpSink
+
+# test_harness.py checks these fixtures' own failure reports in a nested session.
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pouchdb() -> Iterator[PouchDBServer]:
+    """One PouchDB Server for the whole session; tests isolate by database.
+
+    Read `pouchdb.url` inside the test, not at import or in a session-wide
+    fixture: the server gets a new port if it has to be restarted.
+    """
+    with PouchDBServer() as server:
+        yield server
+
+
+@pytest.fixture
+def couch(pouchdb: PouchDBServer, request: pytest.FixtureRequest) -> Iterator[CouchTestDB]:
+    """A fresh, empty database on the session's PouchDB Server.
+
+    PouchDB Server exits as a whole on a filter it cannot evaluate, so the
+    server is checked before and after each test. A death during the test
+    fails it with the server's log, because it means the code under test sent
+    a request a real CouchDB would have answered with an error (or treated
+    differently).
+    """
+    if pouchdb.ensure_alive():
+        # A previous test killed it; that test has already failed. Say so in
+        # this test's report too, so the restart is not a mystery.
+        request.node.add_report_section(
+            "setup", "pouchdb", f"PouchDB Server was restarted on {pouchdb.url}"
+        )
+    name = unique_db_name(request.node.name)
+    create_database(pouchdb.url, name)
+    db = CouchTestDB(pouchdb.url, name)
+    try:
+        yield db
+    finally:
+        db.close()
+    if not pouchdb.ping():
+        log = pouchdb.log_tail()
+        pouchdb.ensure_alive()
+        pytest.fail(
+            "PouchDB Server died during this test: the code under test sent it "
+            "something it could not evaluate (for example a filter or selector).\n"
+            f"--- server log tail ---\n{log}",
+            pytrace=False,
+        )
+    delete_database(pouchdb.url, name)
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A started SMTP sink on loopback that accepts everything (until told otherwise)."""
+    with SmtpSink() as sink:
+        yield sink

@@ -1,0 +1,405 @@
+"""Launch the real servers the test suite runs against.
+
+PouchDB Server (a CouchDB-compatible HTTP server from npm) is pinned in
+tests/servers/package.json. Tests never skip when it is missing: they fail
+and say how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+from urllib.parse import quote
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVERS_DIR = REPO_ROOT / "tests" / "servers"
+POUCHDB_BIN = SERVERS_DIR / "node_modules" / ".bin" / "pouchdb-server"
+INSTALL_COMMAND = "npm ci --ignore-scripts --no-audit --no-fund --prefix tests/servers"
+
+_LOOPBACK = "127.0.0.1"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DB_NAME_UNSAFE = re.compile(r"[^a-z0-9_]+")
+
+
+def free_port(host: str = _LOOPBACK) -> int:
+    """A port that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PouchDBServer:
+    """A PouchDB Server process with an in-memory store, on loopback.
+
+    The process runs in a scratch directory of its own, because it writes
+    config.json and log.txt into its working directory. Its stdout and stderr
+    go to `log_path`, where a crash's stack trace ends up.
+
+    PouchDB Server exits as a whole when it meets a filter it cannot evaluate
+    (for example `filter=_selector` without a selector): `ensure_alive()`
+    restarts it, on the same port when it can. Data does not survive a
+    restart.
+    """
+
+    def __init__(
+        self,
+        binary: Path | str = POUCHDB_BIN,
+        *,
+        port: int | None = None,
+        ready_timeout: float = 30.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.binary = Path(binary)
+        self.host = _LOOPBACK
+        self.port = port or 0
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.restarts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._scratch: Path | None = None
+        self._log_path: Path | None = None
+        self._log_file: IO[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._log_path is None:
+            raise RuntimeError("PouchDB Server was never started")
+        return self._log_path
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("PouchDB Server is already running")
+        self._check_installed()
+        self._scratch = Path(tempfile.mkdtemp(prefix="pouchdb-server-"))
+        self._log_path = self._scratch / "server.log"
+        try:
+            self._launch(self.port or free_port())
+        except BaseException:
+            # __exit__ does not run when __enter__ raises; the error message
+            # already carries the log tail, so nothing is lost.
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self._terminate()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def alive(self) -> bool:
+        """Whether the process is still running (it may still be starting)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the server answers `GET /` now and its process is still up.
+
+        A crash on a bad filter happens just after the server has answered
+        the request that caused it. The server handles no other request
+        before it exits, so a round trip here is enough to tell whether the
+        previous request killed it.
+        """
+        if not self.alive():
+            return False
+        try:
+            with _client(self.url, timeout) as client:
+                client.get("/").raise_for_status()
+        except httpx.HTTPError:
+            return False
+        return self.alive()
+
+    def ensure_alive(self) -> bool:
+        """Restart the server if it has died. Returns True if it was restarted."""
+        if self._scratch is None:
+            raise RuntimeError("PouchDB Server was never started")
+        if self.ping():
+            return False
+        self._terminate()
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(f"\n--- restarting PouchDB Server (it was on port {self.port}) ---\n")
+        self._launch(self.port)
+        self.restarts += 1
+        return True
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last lines of the server's output, for error messages."""
+        if self._log_path is None or not self._log_path.exists():
+            return "(no log)"
+        text = self._log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(_ANSI.sub("", text).splitlines()[-lines:])
+
+    # -- internals ---------------------------------------------------------
+
+    def _check_installed(self) -> None:
+        if not self.binary.exists():
+            raise RuntimeError(
+                f"PouchDB Server is not installed ({self.binary} is missing). "
+                f"Install it from the repository root with: {INSTALL_COMMAND}"
+            )
+        if shutil.which("node") is None:
+            raise RuntimeError(
+                "PouchDB Server needs Node.js, and `node` is not on PATH. "
+                f"Install Node.js, then run: {INSTALL_COMMAND}"
+            )
+
+    def _launch(self, port: int) -> None:
+        assert self._scratch is not None
+        # The preferred port may have been taken while the server was down
+        # (or, for a fresh free_port(), between choosing and binding it).
+        ports = [port, free_port(), free_port()]
+        for attempt, candidate in enumerate(ports):
+            self.port = candidate
+            self._spawn()
+            try:
+                self._wait_ready()
+            except _PortInUseError:
+                self._terminate()
+                if attempt == len(ports) - 1:
+                    raise RuntimeError(
+                        f"PouchDB Server found no free port (tried {ports}).\n"
+                        f"--- log tail ---\n{self.log_tail()}"
+                    ) from None
+                continue
+            except BaseException:
+                self._terminate()
+                raise
+            return
+
+    def _spawn(self) -> None:
+        assert self._scratch is not None and self._log_path is not None
+        # Stale config.json would carry the uuid the readiness check uses to
+        # tell our process from whatever else answers on the port.
+        (self._scratch / "config.json").unlink(missing_ok=True)
+        self._log_file = self._log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [
+                str(self.binary),
+                "--in-memory",
+                "--port",
+                str(self.port),
+                "--host",
+                self.host,
+                "--no-color",
+            ],
+            cwd=self._scratch,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            # Its own session, so a Ctrl-C meant for pytest does not kill the
+            # server before the fixtures have reported on it.
+            start_new_session=True,
+        )
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None and self._scratch is not None
+        deadline = time.monotonic() + self.ready_timeout
+        with _client(self.url, 1.0) as client:
+            while True:
+                code = self._proc.poll()
+                if code is not None:
+                    if "already in use" in self.log_tail(10):
+                        raise _PortInUseError
+                    raise RuntimeError(
+                        f"PouchDB Server exited with status {code} while starting "
+                        f"on port {self.port}.\n--- log tail ---\n{self.log_tail()}"
+                    )
+                try:
+                    response = client.get("/")
+                except httpx.TransportError:
+                    response = None
+                # Something else may be listening on this port already (our
+                # process then exits soon): only our own uuid counts.
+                if response is not None and self._is_ours(response):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"PouchDB Server did not answer on {self.url} within "
+                        f"{self.ready_timeout:g} s.\n--- log tail ---\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+
+    def _is_ours(self, response: httpx.Response) -> bool:
+        assert self._scratch is not None
+        if response.status_code != 200:
+            return False
+        try:
+            config = json.loads((self._scratch / "config.json").read_text(encoding="utf-8"))
+            ours = config["couchdb"]["uuid"]
+            theirs = response.json().get("uuid")
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return bool(ours) and ours == theirs
+
+    def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+class _PortInUseError(Exception):
+    pass
+
+
+# -- database helpers --------------------------------------------------------
+
+
+def _client(base_url: str, timeout: float) -> httpx.Client:
+    # trust_env=False: a proxy from the environment must not intercept
+    # loopback requests. Accept JSON, or PouchDB Server answers text/plain.
+    return httpx.Client(
+        base_url=base_url,
+        timeout=timeout,
+        trust_env=False,
+        headers={"Accept": "application/json"},
+    )
+
+
+def unique_db_name(hint: str = "test") -> str:
+    """A fresh, valid CouchDB database name that mentions `hint`.
+
+    Database names must start with a lowercase letter and may contain only
+    lowercase letters, digits and _$()+-/.
+    """
+    slug = _DB_NAME_UNSAFE.sub("_", hint.lower()).strip("_")[:40]
+    if not slug or not slug[0].isalpha():
+        slug = f"db_{slug}".rstrip("_")
+    return f"{slug}_{uuid.uuid4().hex[:10]}"
+
+
+def doc_path(db: str, doc_id: str) -> str:
+    """The URL path of a document, keeping the slash of `_design/` ids."""
+    for prefix in ("_design/", "_local/"):
+        if doc_id.startswith(prefix):
+            return f"/{quote(db, safe='')}/{prefix}{quote(doc_id[len(prefix) :], safe='')}"
+    return f"/{quote(db, safe='')}/{quote(doc_id, safe='')}"
+
+
+def create_database(url: str, name: str, *, timeout: float = 10.0) -> None:
+    with _client(url, timeout) as client:
+        response = client.put(f"/{quote(name, safe='')}")
+    if response.status_code not in (201, 202):
+        raise RuntimeError(
+            f"creating database {name!r} on {url} failed: {response.status_code} {response.text}"
+        )
+
+
+def delete_database(url: str, name: str, *, timeout: float = 10.0) -> None:
+    with _client(url, timeout) as client:
+        response = client.delete(f"/{quote(name, safe='')}")
+    if response.status_code not in (200, 202, 404):
+        raise RuntimeError(
+            f"deleting database {name!r} on {url} failed: {response.status_code} {response.text}"
+        )
+
+
+class CouchTestDB:
+    """One database on a test server, with blocking convenience methods.
+
+    The methods block: from a coroutine that shares its event loop with the
+    code under test, prefer an async client.
+    """
+
+    def __init__(self, url: str, name: str, *, timeout: float = 10.0) -> None:
+        self.url = url
+        self.name = name
+        self.client = _client(url, timeout)
+
+    @property
+    def db_url(self) -> str:
+        return f"{self.url}/{quote(self.name, safe='')}"
+
+    def close(self) -> None:
+        self.client.close()
+
+    def put(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Create or update a doc (PUT with its `_id`, else POST). Returns {ok, id, rev}."""
+        if "_id" in doc:
+            response = self.client.put(doc_path(self.name, str(doc["_id"])), json=doc)
+        else:
+            response = self.client.post(f"/{quote(self.name, safe='')}", json=doc)
+        return _json(response)
+
+    def get(self, doc_id: str) -> dict[str, Any]:
+        return _json(self.client.get(doc_path(self.name, doc_id)))
+
+    def delete(self, doc_id: str, rev: str) -> dict[str, Any]:
+        return _json(self.client.delete(doc_path(self.name, doc_id), params={"rev": rev}))
+
+    def all_docs(self) -> list[dict[str, Any]]:
+        """Every live doc, design docs excluded, in `_id` order."""
+        body = _json(
+            self.client.get(
+                f"/{quote(self.name, safe='')}/_all_docs", params={"include_docs": "true"}
+            )
+        )
+        return [row["doc"] for row in body["rows"] if not row["id"].startswith("_design/")]
+
+    def bulk(self, docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST to _bulk_docs. Returns one result per doc (which may be an error row)."""
+        response = self.client.post(
+            f"/{quote(self.name, safe='')}/_bulk_docs", json={"docs": list(docs)}
+        )
+        if response.is_error:
+            raise CouchError(response)
+        rows: list[dict[str, Any]] = response.json()
+        return rows
+
+
+class CouchError(RuntimeError):
+    """An error answer from the server; `status` and `body` say which (409: conflict)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        try:
+            self.body: Any = response.json()
+        except ValueError:
+            self.body = response.text
+        super().__init__(
+            f"{response.request.method} {response.request.url} -> {self.status} {response.text}"
+        )
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    if response.is_error:
+        raise CouchError(response)
+    body: dict[str, Any] = response.json()
+    return body
