@@ -402,14 +402,8 @@ class SmtpSink:
                 self._state.arrived.wait(remaining)
             return list(self._state.received)
 
-    # The timeout is a parameter, not left to asyncio.timeout() around the
-    # call, so that the error can say how many messages did arrive.
     async def await_count(
-        self,
-        n: int,
-        timeout: float,  # noqa: ASYNC109
-        *,
-        poll_interval: float = 0.01,
+        self, n: int, timeout: float, *, poll_interval: float = 0.01
     ) -> list[ReceivedMessage]:
         """Like `wait_for`, without blocking the calling event loop."""
         deadline = time.monotonic() + timeout
