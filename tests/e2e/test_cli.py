@@ -1,0 +1,251 @@
+"""The installed ``notifier`` command, run as a subprocess against real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import seed
+from realservers import CouchTestDB
+
+from notifier.testing.smtp import SmtpSink
+from notifier.worker import NOTIFIED, RECORD
+
+pytestmark = pytest.mark.e2e
+
+NOTIFIER = str(Path(sys.executable).with_name("notifier"))
+ConfigFile = Callable[..., Path]
+
+
+class Daemon:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"notifier did not exit in {timeout}s:\n{self.output()}") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    log = tmp_path / f"notifier-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [NOTIFIER, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+    d = Daemon(proc, log)
+    try:
+        yield d
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [NOTIFIER, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, d: Daemon) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if d.proc.poll() is not None:
+            raise AssertionError(
+                f"notifier exited ({d.proc.returncode}) before {what}:\n{d.output()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{d.output()}")
+        time.sleep(0.05)
+
+
+def checkpoint(couch: CouchTestDB, path: Path, doc_id: str) -> dict[str, Any] | None:
+    import tomllib
+
+    db = tomllib.loads(path.read_text())["couch"]["checkpoint_database"]
+    response = couch.client.get(f"/{db}/{doc_id}")
+    return response.json() if response.status_code == 200 else None
+
+
+def test_run_delivers_once_stops_on_sigint_and_restarts_without_resending(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    recipients = seed(couch, 300)
+    cfg = config_file()
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", str(cfg)) as d:
+        wait_until(lambda: len(smtp_sink.messages) >= 300, 60, "300 emails", d)
+        recipients += seed(couch, 20, start=1000)  # added while it runs
+        wait_until(lambda: len(smtp_sink.messages) >= 320, 30, "320 emails", d)
+        d.signal(signal.SIGINT)
+        assert d.wait() == 0, d.output()
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    docs = couch.all_docs()
+    assert len(docs) == 320 and all(doc[NOTIFIED] is True for doc in docs)
+    first = checkpoint(couch, cfg, f"{couch.name}.worker-0-of-1")
+    assert first is not None, "SIGINT must leave a checkpoint"
+
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", str(cfg)) as d:
+        wait_until(lambda: "resuming from checkpoint" in d.output(), 30, "start-up", d)
+        recipients += seed(couch, 5, start=2000)
+        wait_until(lambda: len(smtp_sink.messages) >= 325, 30, "5 more emails", d)
+        time.sleep(1.0)  # room for any wrongful resend to show up
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0, d.output()
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    assert checkpoint(couch, cfg, f"{couch.name}.worker-0-of-1") != first
+
+
+def test_two_workers_share_the_work_with_no_gap_and_no_overlap(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    recipients = seed(couch, 200)
+    cfg = str(config_file())
+    with (
+        daemon(tmp_path, "run", "--worker-id", "0", "--worker-count", "2", "--config", cfg) as a,
+        daemon(tmp_path, "run", "--worker-id", "1", "--worker-count", "2", "--config", cfg) as b,
+    ):
+        wait_until(lambda: len(smtp_sink.messages) >= 200, 60, "200 emails", a)
+        time.sleep(1.0)
+        for d in (a, b):
+            d.signal(signal.SIGTERM)
+        assert a.wait() == 0, a.output()
+        assert b.wait() == 0, b.output()
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    workers = {doc[RECORD]["worker"] for doc in couch.all_docs()}
+    assert workers == {"0/2", "1/2"}
+    for worker_id in (0, 1):
+        assert checkpoint(couch, Path(cfg), f"{couch.name}.worker-{worker_id}-of-2") is not None
+
+
+def test_sigint_under_load_drains_and_a_restart_sends_no_duplicate(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    recipients = seed(couch, 60)
+    smtp_sink.delay = 0.25
+    cfg = str(config_file(worker={"max_parallel": 5, "drain_timeout": 20.0}))
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", cfg) as d:
+        wait_until(lambda: len(smtp_sink.messages) >= 10, 30, "10 emails", d)
+        d.signal(signal.SIGINT)
+        assert d.wait() == 0, d.output()
+    sent = {m.rcpt_tos[0] for m in smtp_sink.messages}
+    marked = {doc["to"] for doc in couch.all_docs() if NOTIFIED in doc}
+    assert sent == marked, "every email that went out was marked, and nothing else"
+    assert len(sent) < 60, "the stop came mid-run"
+
+    smtp_sink.delay = 0
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", cfg) as d:
+        wait_until(lambda: len(smtp_sink.messages) >= 60, 60, "all emails", d)
+        time.sleep(0.5)
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0, d.output()
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+
+
+def test_a_second_signal_exits_at_once(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    seed(couch, 20)
+    smtp_sink.delay = 5.0
+    cfg = str(config_file(worker={"max_parallel": 2, "drain_timeout": 60.0}))
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", cfg) as d:
+        wait_until(lambda: "starting from the beginning" in d.output(), 30, "start-up", d)
+        time.sleep(0.5)  # let the first sends begin, so there is something to drain
+        d.signal(signal.SIGTERM)
+        wait_until(lambda: "draining" in d.output(), 10, "the drain to start", d)
+        d.signal(signal.SIGTERM)
+        assert d.wait(timeout=10) == 130, d.output()
+    assert "exiting at once" in d.output()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "args", "status", "message"),
+    [
+        ({"worker": {"max_parallel": 0}}, [], 78, "[worker] max_parallel"),
+        ({"couch": {"database": "nope_missing"}}, [], 69, "does not exist"),
+        ({}, ["--worker-count", "2", "--worker-id", "2"], 78, "worker_id 2 is out of range"),
+        ({"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
+    ],
+)
+def test_start_up_errors_have_distinct_exit_statuses(
+    couch: CouchTestDB,
+    config_file: ConfigFile,
+    smtp_sink: SmtpSink,
+    overrides: dict[str, Any],
+    args: list[str],
+    status: int,
+    message: str,
+) -> None:
+    seed(couch, 2)
+    cfg = str(config_file(**overrides))
+    worker_args = args or ["--worker-id", "0"]
+    result = run("run", *worker_args, "--config", cfg)
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr
+    assert smtp_sink.messages == []
+
+
+def test_smtp_login_failure_exits_76_without_leaking_the_password(
+    couch: CouchTestDB, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    seed(couch, 2)
+    with SmtpSink(username="notifier", password="right-one") as sink:
+        cfg = str(config_file(smtp={"port": sink.port, "username": "notifier"}))
+        result = run(
+            "run",
+            "--worker-id",
+            "0",
+            "--config",
+            cfg,
+            env={"NOTIFIER_SMTP_PASSWORD": "wr0ng-s3cret"},
+        )
+        assert sink.messages == []
+    assert result.returncode == 76, result.stderr
+    assert "refused the login" in result.stderr
+    assert "wr0ng-s3cret" not in result.stderr
+    assert all(NOTIFIED not in doc for doc in couch.all_docs())
+
+
+def test_missing_config_file_exits_78() -> None:
+    result = run("run", "--worker-id", "0", "--config", "/nonexistent/notifier.toml")
+    assert result.returncode == 78
+    assert "/nonexistent/notifier.toml: no such file" in result.stderr
+
+
+def test_help_explains_every_option() -> None:
+    top = run("--help")
+    assert top.returncode == 0
+    assert "run" in top.stdout and "exit statuses" in top.stdout
+    sub = subprocess.run(
+        [sys.executable, "-m", "notifier", "run", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in ("--worker-id", "--worker-count", "--config", "--log-level"):
+        assert option in sub.stdout
