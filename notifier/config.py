@@ -181,26 +181,10 @@ def from_mapping(
     smtp: SmtpConfig = sections["smtp"]
     _check_couch_url(couch.url, source)
     couch = dataclasses.replace(
-        couch,
-        password=_password(
-            "couch",
-            couch.username,
-            couch.password_file,
-            env.get(COUCH_PASSWORD_ENV),
-            COUCH_PASSWORD_ENV,
-            source,
-        ),
+        couch, password=_password("couch", couch, COUCH_PASSWORD_ENV, env, source)
     )
     smtp = dataclasses.replace(
-        smtp,
-        password=_password(
-            "smtp",
-            smtp.username,
-            smtp.password_file,
-            env.get(SMTP_PASSWORD_ENV),
-            SMTP_PASSWORD_ENV,
-            source,
-        ),
+        smtp, password=_password("smtp", smtp, SMTP_PASSWORD_ENV, env, source)
     )
     email: EmailConfig = sections["email"]
     if "@" not in email.sender or any(c.isspace() for c in email.sender):
@@ -296,30 +280,37 @@ def _check_couch_url(url: str, source: str) -> None:
 
 def _password(
     section: str,
-    username: str | None,
-    password_file: str | None,
-    from_env: str | None,
+    table: CouchConfig | SmtpConfig,
     env_name: str,
+    env: Mapping[str, str],
     source: str,
 ) -> Secret | None:
+    """The password for ``table.username``: from ``password_file``, else the environment."""
+    username, password_file = table.username, table.password_file
     if password_file is not None:
+        # A relative path names a systemd credential (LoadCredential=) when
+        # the service has them, so one config file serves every worker.
+        path = Path(password_file)
+        credentials = env.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and credentials:
+            path = Path(credentials) / path
         try:
-            text = Path(password_file).read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(
-                f"{source}: [{section}] password_file: cannot read {password_file}: {e.strerror}"
+                f"{source}: [{section}] password_file: cannot read {path}: {e.strerror}"
             ) from None
         # A trailing newline is an artefact of `echo secret > file`.
         secret = text.rstrip("\r\n")
-    elif from_env:
-        secret = from_env
+    elif env.get(env_name):
+        secret = env[env_name]
     else:
         secret = None
-    if username is not None and secret is None:
+    if username is None:
+        return None
+    if secret is None:
         raise ConfigError(
             f"{source}: [{section}] username is set but there is no password: "
             f"set {env_name} or [{section}] password_file"
         )
-    if username is None:
-        return None
-    return Secret(secret or "")
+    return Secret(secret)

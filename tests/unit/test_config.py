@@ -34,8 +34,7 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
 def test_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
-    for section in (config.CouchConfig, config.SmtpConfig, config.EmailConfig,
-                    config.WorkerConfig):
+    for section in (config.CouchConfig, config.SmtpConfig, config.EmailConfig, config.WorkerConfig):
         for field in section.__dataclass_fields__:
             if field != "password":
                 assert field in documented, f"{section.__name__}.{field} missing from example"
@@ -111,6 +110,18 @@ def test_password_file_wins_and_loses_its_trailing_newline(tmp_path: Path) -> No
     loaded = config.load(path, environ={config.SMTP_PASSWORD_ENV: "from-env"})
     assert loaded.smtp.password is not None
     assert loaded.smtp.password.reveal() == "from-file"
+
+
+def test_relative_password_file_is_a_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "couch-password").write_text("cred\n")
+    loaded = config.from_mapping(
+        {
+            "couch": {"username": "u", "password_file": "couch-password"},
+            "email": {"sender": "n@example.com"},
+        },
+        environ={"CREDENTIALS_DIRECTORY": str(tmp_path)},
+    )
+    assert loaded.couch.password == Secret("cred")
 
 
 def test_unreadable_password_file_is_named_without_content(tmp_path: Path) -> None:
