@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-count",
         type=int,
         metavar="M",
-        help="number of workers sharing the database (default: [worker] worker_count)",
+        help=(
+            "number of workers sharing the database (default: $NOTIFIER_WORKER_COUNT, "
+            "else [worker] worker_count)"
+        ),
     )
     config_option(run)
 
@@ -136,7 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _shard(args: argparse.Namespace, config: Config) -> Shard:
-    count = args.worker_count if args.worker_count is not None else config.worker.worker_count
+    count = args.worker_count
+    if count is None and os.environ.get("NOTIFIER_WORKER_COUNT"):
+        raw = os.environ["NOTIFIER_WORKER_COUNT"]
+        try:
+            count = int(raw)
+        except ValueError:
+            raise ConfigError(f"NOTIFIER_WORKER_COUNT: expected an integer, got {raw!r}") from None
+    if count is None:
+        count = config.worker.worker_count
     try:
         return Shard(worker_id=args.worker_id, worker_count=count)
     except ValueError as e:

@@ -190,6 +190,7 @@ def test_a_second_signal_exits_at_once(
         ({"couch": {"database": "nope_missing"}}, [], 69, "does not exist"),
         ({}, ["--worker-count", "2", "--worker-id", "2"], 78, "worker_id 2 is out of range"),
         ({"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
+        ({}, ["--worker-id", "1"], 78, "worker_id 1 is out of range for worker_count 1"),
     ],
 )
 def test_start_up_errors_have_distinct_exit_statuses(
@@ -229,6 +230,18 @@ def test_smtp_login_failure_exits_76_without_leaking_the_password(
     assert "refused the login" in result.stderr
     assert "wr0ng-s3cret" not in result.stderr
     assert all(NOTIFIED not in doc for doc in couch.all_docs())
+
+
+def test_worker_count_can_come_from_the_environment(
+    couch: CouchTestDB, config_file: ConfigFile
+) -> None:
+    cfg = str(config_file())
+    result = run("run", "--worker-id", "3", "--config", cfg, env={"NOTIFIER_WORKER_COUNT": "3"})
+    assert result.returncode == 78
+    assert "worker_id 3 is out of range for worker_count 3" in result.stderr
+    bad = run("run", "--worker-id", "0", "--config", cfg, env={"NOTIFIER_WORKER_COUNT": "x"})
+    assert bad.returncode == 78
+    assert "NOTIFIER_WORKER_COUNT: expected an integer, got 'x'" in bad.stderr
 
 
 def test_missing_config_file_exits_78() -> None:
