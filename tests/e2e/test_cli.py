@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import seed
 from realservers import CouchTestDB
+from scenario import seed
 
 from notifier.testing.smtp import SmtpSink
 from notifier.worker import NOTIFIED, RECORD

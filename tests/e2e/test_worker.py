@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MakeConfig, message, seed
 from realservers import CouchTestDB
+from scenario import MakeConfig, message, seed
 
 from notifier.checkpoint import CheckpointStore
 from notifier.couch import CouchClient
