@@ -54,13 +54,14 @@ async def take(feed: ChangeFeed, since: Any, count: int) -> list[Change]:
     return out
 
 
-def make_feed(script: Script) -> tuple[CouchClient, ChangeFeed]:
+def make_feed(script: Script, resync_after: float = 60.0) -> tuple[CouchClient, ChangeFeed]:
     client = CouchClient(url="http://couch.test", transport=httpx.MockTransport(script))
     feed = ChangeFeed(
         client,
         database="messages",
         selector=SELECTOR,
         heartbeat=1.0,
+        resync_after=resync_after,
         backoff=Backoff(base=0.001, cap=0.005),
     )
     return client, feed
@@ -147,15 +148,7 @@ async def test_a_quiet_feed_asks_where_the_filtered_feed_stands() -> None:
         httpx.Response(200, content=heartbeats()),
         httpx.Response(200, json={"results": [], "last_seq": "9-q"}),
     )
-    client = CouchClient(url="http://couch.test", transport=httpx.MockTransport(script))
-    feed = ChangeFeed(
-        client,
-        database="messages",
-        selector=SELECTOR,
-        heartbeat=1.0,
-        resync_after=0.0,
-        backoff=Backoff(base=0.001, cap=0.005),
-    )
+    client, feed = make_feed(script, resync_after=0.0)
     async with client:
         changes = await take(feed, 0, 2)
     assert changes == [Change(seq="4-q", doc_id="m4"), Change(seq="9-q", doc_id=None)]
