@@ -265,16 +265,16 @@ def _kind(value: Any) -> str:
 
 def _check_couch_url(url: str, source: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"{source}: [couch] url: expected an http:// or https:// URL, got {url!r}"
-        )
     if parts.username or parts.password:
         # Rejected so that a password can never sit in a file that gets
         # printed, copied into tickets or logged with the URL.
         raise ConfigError(
             f"{source}: [couch] url: must not contain credentials; set [couch] username "
             f"and the password in {COUCH_PASSWORD_ENV} or [couch] password_file"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{source}: [couch] url: expected an http:// or https:// URL, got {url!r}"
         )
 
 

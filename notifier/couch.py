@@ -32,6 +32,7 @@ import httpx
 
 from notifier.config import CouchConfig, Secret
 from notifier.errors import (
+    CouchAccessDenied,
     CouchError,
     CouchFatalError,
     CouchTimeoutError,
@@ -44,8 +45,21 @@ log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
-# Statuses after which a retry can succeed without anyone acting.
-_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+_JSON_CONTENT = {"Content-Type": "application/json"}
+
+
+def encode_json(value: Any) -> bytes:
+    """JSON for a request body, ASCII-only.
+
+    Escaping everything non-ASCII (as ``\\uXXXX``) means a document that holds
+    a lone UTF-16 surrogate, which JSON allows and JavaScript clients write,
+    can still be sent back to CouchDB; a UTF-8 encoder would refuse it.
+
+    >>> encode_json({"s": "cut \\ud83d", "t": "é"})
+    b'{"s":"cut \\\\ud83d","t":"\\\\u00e9"}'
+    """
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 def doc_path(database: str, doc_id: str) -> str:
@@ -56,10 +70,17 @@ def doc_path(database: str, doc_id: str) -> str:
     >>> doc_path("messages", "_design/x y")
     '/messages/_design/x%20y'
     """
+    db = quote(database, safe="")
     for prefix in ("_design/", "_local/"):
         if doc_id.startswith(prefix):
-            return f"/{quote(database, safe='')}/{prefix}{quote(doc_id[len(prefix) :], safe='')}"
-    return f"/{quote(database, safe='')}/{quote(doc_id, safe='')}"
+            return f"/{db}/{prefix}{_quote_id(doc_id[len(prefix) :])}"
+    return f"/{db}/{_quote_id(doc_id)}"
+
+
+def _quote_id(doc_id: str) -> str:
+    # surrogatepass: an id with a lone surrogate (valid JSON) must not crash
+    # the worker; the server answers for it as for any other odd id.
+    return quote(doc_id, safe="", errors="surrogatepass")
 
 
 def seq_param(seq: Seq) -> str:
@@ -151,7 +172,13 @@ class CouchClient:
         what = f"{method} {path}"
         self.requests += 1
         try:
-            response = await self._http.request(method, path, params=params, json=json_body)
+            response = await self._http.request(
+                method,
+                path,
+                params=params,
+                content=None if json_body is None else encode_json(json_body),
+                headers=None if json_body is None else _JSON_CONTENT,
+            )
         except httpx.TimeoutException as e:
             raise CouchTimeoutError(f"CouchDB {what}: no answer in time ({_name(e)})") from e
         except httpx.TransportError as e:
@@ -243,8 +270,8 @@ class CouchClient:
                 "POST",
                 f"/{quote(database, safe='')}/_changes",
                 params=params,
-                json=body,
-                headers={"Accept-Encoding": "identity"},
+                content=encode_json(body),
+                headers={"Accept-Encoding": "identity", **_JSON_CONTENT},
                 timeout=timeout,
             ) as response:
                 if not response.is_success:
@@ -295,13 +322,16 @@ def _status_error(response: httpx.Response, what: str) -> CouchError:
     message = f"CouchDB {what}: {status} {detail}"
     if status == 409:
         return DocumentConflict(message, status=status, error=error, reason=reason)
-    if status in _TRANSIENT_STATUSES:
+    if status >= 500 or status in (408, 429):
+        # Overload, restarts, proxies in between: a retry can succeed.
         return CouchTransientError(message, status=status, error=error, reason=reason)
     if status == 401:
         message += " (check [couch] username and its password)"
-    elif status == 403:
+        return CouchAccessDenied(message, status=status, error=error, reason=reason)
+    if status == 403:
         message += " (the [couch] user lacks permission on this database)"
-    elif status == 404 and reason in ("no_db_file", "Database does not exist."):
+        return CouchAccessDenied(message, status=status, error=error, reason=reason)
+    if status == 404 and reason in ("no_db_file", "Database does not exist."):
         message += " (the database does not exist)"
     return CouchFatalError(message, status=status, error=error, reason=reason)
 

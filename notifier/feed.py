@@ -22,7 +22,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,17 +107,20 @@ class ChangeFeed:
         incident_started = 0.0
         while True:
             try:
-                async for change in self._session(position):
-                    if incident is not None:
-                        log.info(
-                            "changes feed is back after %.1fs and %d attempts",
-                            time.monotonic() - incident_started,
-                            self._backoff.attempts,
-                        )
-                        incident = None
-                    self._backoff.reset()
-                    position = change.seq
-                    yield change
+                # aclosing: when the caller stops, the HTTP stream closes now,
+                # not whenever the garbage collector finalises the generator.
+                async with aclosing(self._session(position)) as session:
+                    async for change in session:
+                        if incident is not None:
+                            log.info(
+                                "changes feed is back after %.1fs and %d attempts",
+                                time.monotonic() - incident_started,
+                                self._backoff.attempts,
+                            )
+                            incident = None
+                        self._backoff.reset()
+                        position = change.seq
+                        yield change
             except CouchTransientError as e:
                 # Logged once per incident, not once per retry: an operator
                 # wants "CouchDB went away at 10:02, back at 10:07", not noise.
@@ -130,7 +134,7 @@ class ChangeFeed:
             self.reconnects += 1
             await asyncio.sleep(self._backoff.next_delay())
 
-    async def _session(self, since: Seq) -> AsyncIterator[Change]:
+    async def _session(self, since: Seq) -> AsyncGenerator[Change, None]:
         """One continuous connection, then (if it went quiet) one resync request.
 
         Returns normally when the caller should reconnect without delay.
@@ -167,10 +171,11 @@ class ChangeFeed:
             else:
                 # The server closed the stream without a last_seq row.
                 raise CouchTransientError("CouchDB closed the changes feed")
-        async for change in self._resync(since):
-            yield change
+        async with aclosing(self._resync(since)) as resync:
+            async for change in resync:
+                yield change
 
-    async def _resync(self, since: Seq) -> AsyncIterator[Change]:
+    async def _resync(self, since: Seq) -> AsyncGenerator[Change, None]:
         """Ask where the filtered feed stands now, yielding any rows on the way."""
         async with self._couch.changes(
             self._database, feed="normal", since=since, selector=self._selector, limit=1000

@@ -71,7 +71,7 @@ class Composer:
         author = text_field(doc, "from", single_line=True)
         subject = text_field(doc, "subject", single_line=True)
         body = text_field(doc, "body", single_line=False) or ""
-        size = len(body.encode("utf-8", "surrogatepass"))
+        size = len(body.encode("utf-8"))
         if size > self.max_body_bytes:
             raise PermanentDeliveryError(
                 f"'body' is {size} bytes, over the limit of {self.max_body_bytes} "
@@ -106,6 +106,7 @@ def address_field(doc: Mapping[str, Any], name: str, *, required: bool) -> str |
         raise PermanentDeliveryError(
             f"'{name}' is {_json_type(value)}, expected one email address as a string"
         )
+    _check_unicode(name, value)
     if _LINE_BREAK.search(value):
         raise PermanentDeliveryError(f"'{name}' contains a line break")
     if not value.strip():
@@ -136,7 +137,22 @@ def text_field(doc: Mapping[str, Any], name: str, *, single_line: bool) -> str |
         raise PermanentDeliveryError(f"'{name}' contains a line break")
     if _CONTROL.search(value.replace("\r\n", "\n")):
         raise PermanentDeliveryError(f"'{name}' contains control characters")
+    _check_unicode(name, value)
     return value
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """Refuse text that cannot be encoded, such as a lone UTF-16 surrogate.
+
+    JSON allows "\\ud83d" on its own (a JavaScript client that cut an emoji
+    in half writes one), but no email can carry it.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PermanentDeliveryError(
+            f"'{name}' is not valid Unicode text (a lone surrogate at position {e.start})"
+        ) from None
 
 
 def _plain_address(value: str | None) -> Address | None:

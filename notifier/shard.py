@@ -26,7 +26,8 @@ def stable_hash(doc_id: str) -> int:
     >>> 0 <= stable_hash("message-1") < 2**64
     True
     """
-    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    # surrogatepass: a JSON id may hold a lone surrogate; it must still hash.
+    digest = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
