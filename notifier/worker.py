@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +38,9 @@ from notifier.checkpoint import CheckpointStore
 from notifier.couch import CouchClient
 from notifier.errors import (
     ChannelUnavailableError,
+    CouchFatalError,
     CouchTransientError,
+    DeliveryError,
     DocumentConflict,
     PermanentDeliveryError,
     TransientDeliveryError,
@@ -64,6 +67,16 @@ SELECTOR: Mapping[str, Any] = {
     FAILED: {"$exists": False},
 }
 
+#: How many recently settled doc ids to remember. A row read from the feed
+#: can describe a revision older than our mark (it sat in the socket buffer
+#: while we sent and marked); such a doc is re-read before anything is sent.
+#: The buffer holds far fewer rows than this.
+RECENT_LIMIT = 10_000
+
+#: Seconds the final checkpoint write may take at shutdown, so the whole stop
+#: stays within drain_timeout plus a little (systemd's TimeoutStopSec).
+FINAL_CHECKPOINT_TIMEOUT = 10.0
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -82,6 +95,7 @@ class Stats:
     skipped: int = 0
     conflicts: int = 0
     abandoned: int = 0
+    unmarkable: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -134,6 +148,7 @@ class Worker:
         self._slots = asyncio.Semaphore(s.max_parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, asyncio.Event] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -221,9 +236,15 @@ class Worker:
         timer.cancel()
         await asyncio.gather(timer, return_exceptions=True)
         try:
-            await self._save_checkpoint()
+            await asyncio.wait_for(self._save_checkpoint(), timeout=FINAL_CHECKPOINT_TIMEOUT)
         except Exception as e:
-            log.error("worker %s: final checkpoint not written: %s", s.shard, e)
+            log.error(
+                "worker %s: final checkpoint not written (%s: %s); the next start resumes "
+                "from the previous one",
+                s.shard,
+                type(e).__name__,
+                e,
+            )
         st = self.stats
         log.info(
             "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, checkpoint %r",
@@ -307,7 +328,7 @@ class Worker:
             done = asyncio.Event()
             self._active[doc_id] = done
             try:
-                if waited or doc is None:
+                if waited or doc is None or doc_id in self._recent:
                     doc = await self._couch_call(
                         self._couch.get_doc, self.settings.database, doc_id
                     )
@@ -316,6 +337,7 @@ class Worker:
                 else:
                     fields = await self._deliver(doc)
                     await self._mark(doc, fields)
+                    self._remember(doc_id)
             finally:
                 del self._active[doc_id]
                 done.set()
@@ -349,6 +371,16 @@ class Worker:
                         doc, f"gave up after {attempts} attempts: {e}", attempts
                     )
                 log.info("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
+            except DeliveryError:
+                raise  # fatal for the channel: the worker stops
+            except Exception as e:
+                # A document the handler cannot cope with must not stop the
+                # shard (it would fail again after every restart): it is
+                # dead-lettered, and the traceback logged for a bug report.
+                log.exception("message %s: unexpected error while delivering", doc.get("_id"))
+                return self._dead_letter(
+                    doc, f"unexpected error while delivering: {type(e).__name__}: {e}", attempts
+                )
             else:
                 if self._smtp_down_since is not None:
                     log.info(
@@ -387,6 +419,19 @@ class Worker:
                 return
             except DocumentConflict:
                 self.stats.conflicts += 1
+            except CouchFatalError as e:
+                if e.status not in (400, 413):
+                    raise  # auth, permissions, a missing database: stop the worker
+                # The server will never accept this document with our mark
+                # (too large, or refused by a validation function). The email
+                # went out; stopping would resend it after every restart.
+                log.error(
+                    "message %s was delivered but cannot be marked: %s; it counts as done",
+                    doc_id,
+                    e,
+                )
+                self.stats.unmarkable += 1
+                return
             fresh = await self._couch_call(self._couch.get_doc, database, doc_id)
             if fresh is None:
                 log.info("message %s was deleted while in flight; nothing to mark", doc_id)
@@ -396,6 +441,11 @@ class Worker:
                 return
             # The user edited it while we were sending: keep their edit, add our mark.
             current = fresh
+
+    def _remember(self, doc_id: str) -> None:
+        self._recent[doc_id] = None
+        if len(self._recent) > RECENT_LIMIT:
+            self._recent.popitem(last=False)
 
     async def _couch_call(
         self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,16 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 def checkpoint_doc(couch: CouchTestDB, database: str, doc_id: str) -> dict[str, Any] | None:
     response = couch.client.get(f"/{database}/{doc_id}")
     return response.json() if response.status_code == 200 else None
+
+
+def bulk_ascii_json(couch: CouchTestDB, docs: list[dict[str, Any]]) -> None:
+    """Write docs as ASCII JSON, which can carry a lone surrogate as JSON allows."""
+    response = couch.client.post(
+        f"/{couch.name}/_bulk_docs",
+        content=json.dumps({"docs": docs}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert all(row.get("ok") for row in response.json()), response.text
 
 
 def settled(couch: CouchTestDB) -> list[dict[str, Any]]:
@@ -79,17 +90,19 @@ async def test_messages_added_while_running_are_delivered(
 async def test_bad_documents_are_dead_lettered_and_good_ones_still_go(
     couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
 ) -> None:
-    couch.bulk(
+    bulk_ascii_json(
+        couch,
         [
             message(1),
             {"_id": "no-to", "subject": "x"},
             {"_id": "to-number", "to": 42},
             {"_id": "bcc-injection", "to": "a@example.com\r\nBcc: evil@example.com"},
             {"_id": "empty"},
+            {"_id": "lone-surrogate", "to": "a@example.com", "subject": "cut \ud83d"},
             message(2),
-        ]
+        ],
     )
-    await run_until(make_config(), lambda: len(settled(couch)) >= 6)
+    await run_until(make_config(), lambda: len(settled(couch)) >= 7)
 
     assert sorted(smtp_sink.count_by_recipient()) == ["user1@example.com", "user2@example.com"]
     failed = {d["_id"]: d[FAILED]["reason"] for d in couch.all_docs() if FAILED in d}
@@ -98,6 +111,7 @@ async def test_bad_documents_are_dead_lettered_and_good_ones_still_go(
         "to-number": "'to' is a number, expected one email address as a string",
         "bcc-injection": "'to' contains a line break",
         "empty": "no 'to' field: no recipient to notify",
+        "lone-surrogate": "'subject' is not valid Unicode text (a lone surrogate at position 4)",
     }
     assert all(NOTIFIED not in d for d in couch.all_docs() if FAILED in d)
 
@@ -250,9 +264,13 @@ async def test_at_most_max_parallel_in_flight_and_the_feed_waits(couch: CouchTes
     assert sorted(handler.delivered) == sorted(f"msg-{n:05d}" for n in range(40))
 
 
+@pytest.mark.parametrize("max_parallel", [1, 2])
 async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
-    couch: CouchTestDB,
+    couch: CouchTestDB, max_parallel: int
 ) -> None:
+    # With one slot, the edit's row waits unread until the first copy is
+    # marked, and then describes a revision older than the mark. With two,
+    # it arrives while the first copy is still in flight.
     seed(couch, 1)
     box: list[Worker] = []
     handler = RecordingHandler(box)
@@ -263,7 +281,7 @@ async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
         await asyncio.to_thread(couch.put, doc)
 
     handler.during["msg-00000"] = user_edits
-    client, worker, task = await start_worker(couch, handler, box, max_parallel=2)
+    client, worker, task = await start_worker(couch, handler, box, max_parallel=max_parallel)
     async with client:
         await wait_for(lambda: NOTIFIED in couch.get("msg-00000"), timeout=20)
         # Let the edited revision come through the feed too.
@@ -272,6 +290,7 @@ async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
         await task
     doc = couch.get("msg-00000")
     assert handler.delivered == ["msg-00000"]
+    assert worker.tracker.arrived == 2, "the edit came through the feed as a second row"
     assert doc["subject"] == "edited by the user"
     assert doc[NOTIFIED] is True
     assert worker.stats.conflicts == 1
@@ -388,3 +407,66 @@ async def test_an_unreadable_checkpoint_stops_the_worker_instead_of_starting_fro
     assert not isinstance(info.value, AssertionError)
     assert transport.failed == 1
     assert smtp_sink.messages == []
+
+
+async def test_an_unexpected_handler_error_dead_letters_that_doc_and_goes_on(
+    couch: CouchTestDB,
+) -> None:
+    seed(couch, 3)
+    box: list[Worker] = []
+    handler = RecordingHandler(box)
+
+    async def bug() -> None:
+        raise KeyError("surprise")
+
+    handler.during["msg-00001"] = bug
+    client, worker, task = await start_worker(couch, handler, box, max_parallel=2)
+    async with client:
+        await wait_for(lambda: len(settled(couch)) == 3, timeout=20)
+        worker.stop()
+        await task  # the worker did not stop on its own
+    failed = couch.get("msg-00001")[FAILED]["reason"]
+    assert failed == "unexpected error while delivering: KeyError: 'surprise'"
+    assert sorted(handler.delivered) == ["msg-00000", "msg-00002"]
+
+
+class RefusingMarks(httpx.AsyncBaseTransport):
+    """Real HTTP, except that writes of one document get the given status."""
+
+    def __init__(self, doc_path: str, status: int) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._doc_path = doc_path
+        self._status = status
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and request.url.path == self._doc_path:
+            return httpx.Response(self._status, json={"error": "too_large", "reason": "doc"})
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_sent_message_the_server_will_not_let_us_mark_counts_as_done(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 2)
+    transport = RefusingMarks(f"/{couch.name}/msg-00000", 413)
+    async with worker_running(make_config(), transport=transport) as worker:
+        await wait_for(lambda: len(settled(couch)) == 1 and len(worker.tracker) == 0)
+    # Stopping (and resending after every restart) would be worse than an
+    # unmarked doc: it was delivered once, logged, and the checkpoint moved on.
+    assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
+    assert worker.stats.unmarkable == 1
+    assert NOTIFIED not in couch.get("msg-00000")
+
+
+async def test_a_relay_refusing_our_sender_stops_the_worker_instead_of_dead_lettering(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    seed(couch, 5)
+    smtp_sink.reject_sender = lambda address: "550 5.7.1 sender not allowed"
+    with pytest.raises(DeliveryFatalError, match=r"refused the sender 'notify@example\.com'"):
+        async with worker_running(make_config()):
+            await wait_for(lambda: False, timeout=20)
+    assert all(FAILED not in d and NOTIFIED not in d for d in couch.all_docs())
