@@ -5,10 +5,11 @@ Exit statuses (documented in README.md; systemd units rely on them):
 ====  =========================================================================
 0     clean stop (SIGINT or SIGTERM, in-flight work drained)
 2     bad command line
-69    CouchDB refused or could not be read at start-up (auth, missing
-      database, unreadable checkpoint), or failed fatally while running
+69    CouchDB unreachable or failing at start-up, missing database,
+      unreadable checkpoint, or a fatal CouchDB error while running
 70    unexpected crash (a bug: the log has the traceback)
-76    the SMTP server refused the login or TLS failed
+76    SMTP server unreachable at start-up, TLS failed, or sender refused
+77    credentials or permissions refused (CouchDB 401/403, SMTP login)
 78    configuration error (file, key and problem are named)
 130   a second SIGINT or SIGTERM ended the process at once
 ====  =========================================================================
@@ -28,7 +29,7 @@ from notifier import __version__
 from notifier import config as config_module
 from notifier.config import Config
 from notifier.couch import CouchClient
-from notifier.errors import ConfigError, CouchError, DeliveryFatalError, NotifierError
+from notifier.errors import ConfigError, CouchError, DeliveryError, NotifierError
 from notifier.mailer import SmtpPool
 from notifier.runner import EXIT_FORCED, run_worker
 from notifier.shard import Shard
@@ -40,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_COUCH = 69
 EXIT_CRASH = 70
 EXIT_SMTP = 76
+EXIT_ACCESS = 77
 EXIT_CONFIG = 78
 __all__ = ["EXIT_FORCED", "main"]
 
@@ -55,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit statuses: 0 clean stop, 2 bad command line, 69 CouchDB error, "
-            "70 crash, 76 SMTP login/TLS error, 78 configuration error, "
-            "130 forced stop (second signal)"
+            "70 crash, 76 SMTP error, 77 credentials or permissions refused, "
+            "78 configuration error, 130 forced stop (second signal)"
         ),
     )
     parser.add_argument("--version", action="version", version=f"notifier {__version__}")
@@ -123,19 +125,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         log.error("configuration error: %s", e)
         return EXIT_CONFIG
-    except CouchError as e:
-        log.error("%s", e)
-        return EXIT_COUCH
-    except DeliveryFatalError as e:
-        log.error("%s", e)
-        return EXIT_SMTP
     except NotifierError as e:
         log.error("%s", e)
-        return EXIT_CRASH
+        return exit_status(e)
     except Exception:
         log.exception("unexpected error; this is a bug, please report it with this log")
         return EXIT_CRASH
     return EXIT_OK
+
+
+def exit_status(error: NotifierError) -> int:
+    """The documented exit status for an error that stopped the worker."""
+    if isinstance(error, PermissionError):
+        return EXIT_ACCESS
+    if isinstance(error, CouchError):
+        return EXIT_COUCH
+    if isinstance(error, DeliveryError):
+        return EXIT_SMTP
+    return EXIT_CRASH
 
 
 def _shard(args: argparse.Namespace, config: Config) -> Shard:

@@ -7,7 +7,8 @@ same thing again later can help, and that attribute alone drives retries::
     NotifierError
     ├── ConfigError                 bad or unreadable configuration (never retried)
     ├── CouchError                  a CouchDB request failed
-    │   ├── CouchFatalError         401/403/404/400: a person has to act
+    │   ├── CouchFatalError         404/400/413…: a person has to act
+    │   │   └── CouchAccessDenied   401/403 (also a PermissionError)
     │   ├── DocumentConflict        409: someone else wrote the doc first (MVCC)
     │   └── CouchTransientError     429, 5xx, network trouble: retried with backoff
     │       └── CouchTimeoutError   no answer in time
@@ -15,7 +16,8 @@ same thing again later can help, and that attribute alone drives retries::
         ├── PermanentDeliveryError  the message can never go: dead-letter it
         ├── TransientDeliveryError  try again later (SMTP 4xx, dropped connection)
         │   └── ChannelUnavailableError  the SMTP server cannot be reached at all
-        └── DeliveryFatalError      the channel itself is unusable (SMTP auth, TLS)
+        └── DeliveryFatalError      the channel itself is unusable (TLS, sender refused)
+            └── SmtpLoginRefused    the SMTP server refused the login (a PermissionError)
 
 Builtin mixins are used where the meaning matches, so ``except TimeoutError``
 still catches a CouchDB request that timed out.
@@ -57,6 +59,10 @@ class CouchError(NotifierError):
 
 class CouchFatalError(CouchError):
     """CouchDB refused in a way that retrying cannot fix (auth, missing database)."""
+
+
+class CouchAccessDenied(CouchFatalError, PermissionError):
+    """CouchDB refused the credentials (401) or the user's permissions (403)."""
 
 
 class DocumentConflict(CouchError):
@@ -101,3 +107,7 @@ class ChannelUnavailableError(TransientDeliveryError, ConnectionError):
 
 class DeliveryFatalError(DeliveryError):
     """The delivery channel is misconfigured (authentication, TLS); stop the worker."""
+
+
+class SmtpLoginRefused(DeliveryFatalError, PermissionError):
+    """The SMTP server refused the configured username and password."""

@@ -9,11 +9,12 @@ email. A connection the server closed is replaced on the next send.
 SMTP outcomes are classified here and nowhere else:
 
 =================================  ==========================================
-5xx reply to MAIL, RCPT or DATA    PermanentDeliveryError (dead letter)
+5xx reply to RCPT or DATA          PermanentDeliveryError (dead letter)
 4xx reply, connection lost mid-    TransientDeliveryError (retried, bounded)
 send, read timeout
-cannot connect at all              ChannelUnavailableError (retried, unbounded)
-authentication refused, TLS fails  DeliveryFatalError (the worker stops)
+cannot connect at all, 454 login   ChannelUnavailableError (retried, unbounded)
+login refused, TLS fails, 5xx to   DeliveryFatalError (the worker stops: every
+MAIL FROM, 530/535                 message would fail the same way)
 =================================  ==========================================
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -32,8 +34,10 @@ import aiosmtplib
 from notifier.config import SmtpConfig
 from notifier.errors import (
     ChannelUnavailableError,
+    DeliveryError,
     DeliveryFatalError,
     PermanentDeliveryError,
+    SmtpLoginRefused,
     TransientDeliveryError,
 )
 from notifier.handler import Receipt
@@ -46,21 +50,27 @@ class SmtpPool:
     """Up to ``size`` reusable SMTP connections to one server.
 
     Use :meth:`connection` to borrow one; an exception while it is borrowed
-    closes it instead of returning it, since its state is then unknown.
+    closes it instead of returning it, since its state is then unknown. A
+    connection that sat idle for a while is probed with NOOP before reuse,
+    because servers close idle sessions and a send on a dead connection would
+    otherwise count as a failed attempt of an innocent message.
     """
+
+    #: Idle seconds after which a pooled connection is probed before reuse.
+    PROBE_AFTER = 10.0
 
     def __init__(self, config: SmtpConfig, *, size: int) -> None:
         if size < 1:
             raise ValueError(f"pool size must be at least 1, got {size}")
-        self._config = config
-        self._idle: list[aiosmtplib.SMTP] = []
+        self.config = config
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._slots = asyncio.Semaphore(size)
         self.size = size
         self.connects = 0
 
     def __repr__(self) -> str:
         return (
-            f"<SmtpPool {self._config.host}:{self._config.port} size={self.size} "
+            f"<SmtpPool {self.config.host}:{self.config.port} size={self.size} "
             f"idle={len(self._idle)} connects={self.connects}>"
         )
 
@@ -77,8 +87,8 @@ class SmtpPool:
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
-            await _quit(client)
+        # In parallel: shutdown must fit in systemd's stop timeout.
+        await asyncio.gather(*(_quit(client) for client, _ in idle))
 
     async def check(self) -> None:
         """Connect (and log in, and start TLS) once now, so a bad setup fails at start-up."""
@@ -86,21 +96,34 @@ class SmtpPool:
             pass
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[tuple[aiosmtplib.SMTP, bool]]:
-        """Borrow a connection; yields it and whether it was reused from the pool."""
+    async def connection(self) -> AsyncIterator[aiosmtplib.SMTP]:
         async with self._slots:
-            reused = bool(self._idle)
-            client = self._idle.pop() if reused else await self._connect()
+            client = await self._reusable() or await self._connect()
             try:
-                yield client, reused
+                yield client
             except BaseException:
                 await _quit(client)
                 raise
             if client.is_connected:
-                self._idle.append(client)
+                self._idle.append((client, time.monotonic()))
+
+    async def _reusable(self) -> aiosmtplib.SMTP | None:
+        while self._idle:
+            client, since = self._idle.pop()
+            if not client.is_connected:
+                continue
+            if time.monotonic() - since < self.PROBE_AFTER:
+                return client
+            try:
+                await client.noop()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+                continue
+            return client
+        return None
 
     async def _connect(self) -> aiosmtplib.SMTP:
-        c = self._config
+        c = self.config
         client = aiosmtplib.SMTP(
             hostname=c.host,
             port=c.port,
@@ -117,12 +140,12 @@ class SmtpPool:
         try:
             await client.connect()
         except aiosmtplib.SMTPAuthenticationError as e:
-            raise DeliveryFatalError(
+            if 400 <= e.code < 500:  # 454: temporary authentication failure
+                raise ChannelUnavailableError(f"{where}: login failed for now: {e.code}") from None
+            raise SmtpLoginRefused(
                 f"{where} refused the login for [smtp] username {c.username!r}: "
                 f"{e.code} {e.message}"
             ) from None
-        except ssl.SSLError as e:
-            raise DeliveryFatalError(f"{where}: TLS failed ([smtp] security): {e}") from None
         except aiosmtplib.SMTPNotSupported as e:
             raise DeliveryFatalError(f"{where}: {e} (check [smtp] security)") from None
         except aiosmtplib.SMTPResponseException as e:
@@ -132,6 +155,12 @@ class SmtpPool:
                 ) from None
             raise ChannelUnavailableError(f"{where}: {e.code} {e.message}") from None
         except (aiosmtplib.SMTPException, OSError) as e:
+            # aiosmtplib wraps TLS failures in SMTPConnectError; a certificate
+            # that does not verify needs a person, not retries.
+            if isinstance(e, ssl.SSLError) or isinstance(e.__cause__, ssl.SSLError):
+                raise DeliveryFatalError(
+                    f"{where}: TLS failed ([smtp] security, tls_verify): {e.__cause__ or e}"
+                ) from None
             raise ChannelUnavailableError(f"cannot connect to {where}: {e}") from None
         self.connects += 1
         return client
@@ -175,31 +204,48 @@ class EmailHandler:
     async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
         message = self.composer.compose(doc)
         recipient = message["To"].addresses[0].addr_spec
-        sender = self.composer.sender
-        # One retry on a fresh connection when a pooled one turns out to have
-        # been closed by the server while idle: that says nothing about this
-        # message, so it does not count as a failed attempt.
-        for first_try in (True, False):
-            reused = False
-            try:
-                async with self.pool.connection() as (client, reused):
-                    await client.send_message(message, sender=sender, recipients=[recipient])
-            except aiosmtplib.SMTPServerDisconnected as e:
-                if reused and first_try:
-                    continue
-                raise TransientDeliveryError(f"SMTP connection lost while sending: {e}") from None
-            except aiosmtplib.SMTPRecipientsRefused as e:
-                refused = e.recipients[0]
-                raise _reply_error(refused.code, refused.message, "refused the recipient") from None
-            except aiosmtplib.SMTPSenderRefused as e:
-                raise _reply_error(e.code, e.message, "refused the sender") from None
-            except aiosmtplib.SMTPResponseException as e:
-                raise _reply_error(e.code, e.message, "refused the message") from None
-            except (aiosmtplib.SMTPException, OSError) as e:
-                raise TransientDeliveryError(f"SMTP send failed: {type(e).__name__}: {e}") from None
-            self.sent += 1
-            return {"messageId": message["Message-ID"]}
-        raise AssertionError("unreachable")
+        where = f"SMTP server {self.pool.config.host}:{self.pool.config.port}"
+        try:
+            async with self.pool.connection() as client:
+                await client.send_message(
+                    message, sender=self.composer.sender, recipients=[recipient]
+                )
+        except DeliveryError:
+            # Already classified by the pool (some are OSErrors by mixin, so
+            # this must come before the catch-all below).
+            raise
+        except aiosmtplib.SMTPRecipientsRefused as e:
+            refused = e.recipients[0]
+            raise _reply_error(refused.code, refused.message, "refused the recipient") from None
+        except aiosmtplib.SMTPSenderRefused as e:
+            if 400 <= e.code < 500:
+                raise TransientDeliveryError(
+                    f"{where} refused the sender for now: {e.code} {e.message}"
+                ) from None
+            # A permanent refusal of *our* sender says nothing about this
+            # message: every message would fail the same way, so stop rather
+            # than dead-letter the whole backlog.
+            raise DeliveryFatalError(
+                f"{where} refused the sender {self.composer.sender!r} ([email] sender): "
+                f"{e.code} {e.message}"
+            ) from None
+        except aiosmtplib.SMTPResponseException as e:
+            if e.code in (530, 535):  # authentication required or refused
+                raise SmtpLoginRefused(
+                    f"{where} requires authentication ([smtp] username): {e.code} {e.message}"
+                ) from None
+            raise _reply_error(e.code, e.message, "refused the message") from None
+        except aiosmtplib.SMTPNotSupported as e:
+            raise PermanentDeliveryError(f"{where} cannot take this message: {e}") from None
+        except (aiosmtplib.SMTPException, OSError) as e:
+            # A lost connection, a timeout: the message may or may not have
+            # arrived; it is retried (with backoff) like any temporary failure.
+            raise TransientDeliveryError(f"SMTP send failed: {type(e).__name__}: {e}") from None
+        except ValueError as e:
+            # aiosmtplib refuses addresses it cannot put on the wire.
+            raise PermanentDeliveryError(f"cannot be sent: {e}") from None
+        self.sent += 1
+        return {"messageId": message["Message-ID"]}
 
 
 def _reply_error(code: int, text: str, what: str) -> Exception:

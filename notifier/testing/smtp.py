@@ -62,14 +62,15 @@ class ReceivedMessage:
 
 @dataclass(frozen=True)
 class RefusedMessage:
-    """A refusal the sink sent because a `reject` or `reject_recipient` hook asked for it.
+    """A refusal the sink sent because one of its `reject…` hooks asked for it.
 
-    `stage` is "RCPT" for a recipient refused by `reject_recipient` (then
+    `stage` is "MAIL" for a sender refused by `reject_sender` (`rcpt_tos` is
+    empty), "RCPT" for a recipient refused by `reject_recipient` (then
     `rcpt_tos` holds that one address and `raw` is empty, since no content was
     sent yet) and "DATA" for a message refused by `reject`.
     """
 
-    stage: Literal["RCPT", "DATA"]
+    stage: Literal["MAIL", "RCPT", "DATA"]
     mail_from: str
     rcpt_tos: list[str]
     raw: bytes
@@ -99,6 +100,7 @@ class _State:
     delay: float = 0.0
     reject: RejectHook | None = None
     reject_recipient: RejectRecipientHook | None = None
+    reject_sender: RejectRecipientHook | None = None
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
@@ -124,6 +126,22 @@ class _Handler:
         # server has no use for TLS.
         if self._require_auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        with self._state.lock:
+            hook = self._state.reject_sender
+        reply = hook(address) if hook is not None else None
+        if reply is not None:
+            with self._state.lock:
+                self._state.refused.append(
+                    RefusedMessage(
+                        stage="MAIL",
+                        mail_from=address,
+                        rcpt_tos=[],
+                        raw=b"",
+                        reply=reply,
+                        refused_at=time.monotonic(),
+                    )
+                )
+            return reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -223,6 +241,7 @@ class SmtpSink:
       user" is sent instead of accepting it.
     - `reject_recipient`: called with each RCPT TO address; a returned reply
       refuses that recipient before any content is sent.
+    - `reject_sender`: likewise for the MAIL FROM address.
 
     Refusals are recorded in `refused`, not in `messages`. With `username`
     and `password`, the server requires AUTH (PLAIN or LOGIN) before MAIL.
@@ -355,6 +374,16 @@ class SmtpSink:
     def reject(self, hook: RejectHook | None) -> None:
         with self._state.lock:
             self._state.reject = hook
+
+    @property
+    def reject_sender(self) -> RejectRecipientHook | None:
+        with self._state.lock:
+            return self._state.reject_sender
+
+    @reject_sender.setter
+    def reject_sender(self, hook: RejectRecipientHook | None) -> None:
+        with self._state.lock:
+            self._state.reject_sender = hook
 
     @property
     def reject_recipient(self) -> RejectRecipientHook | None:

@@ -211,7 +211,7 @@ def test_start_up_errors_have_distinct_exit_statuses(
     assert smtp_sink.messages == []
 
 
-def test_smtp_login_failure_exits_76_without_leaking_the_password(
+def test_smtp_login_failure_exits_77_without_leaking_the_password(
     couch: CouchTestDB, config_file: ConfigFile, tmp_path: Path
 ) -> None:
     seed(couch, 2)
@@ -226,7 +226,7 @@ def test_smtp_login_failure_exits_76_without_leaking_the_password(
             env={"NOTIFIER_SMTP_PASSWORD": "wr0ng-s3cret"},
         )
         assert sink.messages == []
-    assert result.returncode == 76, result.stderr
+    assert result.returncode == 77, result.stderr
     assert "refused the login" in result.stderr
     assert "wr0ng-s3cret" not in result.stderr
     assert all(NOTIFIED not in doc for doc in couch.all_docs())
