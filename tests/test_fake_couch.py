@@ -312,11 +312,11 @@ async def test_the_body_selector_wins_over_the_query_parameter(
     assert [r["id"] for r in response.json()["results"]] == ["a"]
 
 
-async def test_a_query_selector_is_a_fallback_that_can_be_switched_off(
+async def test_a_query_selector_is_refused_like_couchdb_unless_the_fallback_is_on(
     client: httpx.AsyncClient,
 ) -> None:
-    lenient = FakeCouch(databases=[DB])
-    strict = FakeCouch(databases=[DB], selector_query_fallback=False)
+    lenient = FakeCouch(databases=[DB], selector_query_fallback=True)
+    strict = FakeCouch(databases=[DB])
     for couch in (lenient, strict):
         couch.put(DB, {"_id": "a", "kind": "x"})
         couch.put(DB, {"_id": "b"})

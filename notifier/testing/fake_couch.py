@@ -658,10 +658,11 @@ class FakeCouch:
         and ``now``) starts that many changes earlier, as a CouchDB cluster
         does after a node failure. Can be changed at any time.
     ``selector_query_fallback``
-        when true (the default), ``filter=_selector`` without a selector in
-        the body falls back to a ``selector`` query parameter, as PouchDB
-        Server reads it. CouchDB 3 reads only the body: set it to false to
-        make the fake answer 400 in that case, as CouchDB does.
+        when false (the default), ``filter=_selector`` without a selector in
+        the POST body gets a 400, as on CouchDB 3, so code that sends the
+        selector only where PouchDB Server reads it fails here and not in
+        production. When true, the fake falls back to the ``selector`` query
+        parameter, as PouchDB Server does.
     ``max_timeout``
         seconds; CouchDB's ``changes_timeout``: the cap on ``heartbeat`` and
         ``timeout`` and the timeout of a feed that gives none.
@@ -679,7 +680,7 @@ class FakeCouch:
         databases: Iterable[str] = (),
         users: Mapping[str, str] | None = None,
         replay_window: int = 0,
-        selector_query_fallback: bool = True,
+        selector_query_fallback: bool = False,
         max_timeout: float = DEFAULT_MAX_TIMEOUT,
         seed: int | None = None,
     ) -> None:
@@ -817,6 +818,18 @@ class FakeCouch:
             return copy.deepcopy(
                 [db.docs[i].to_json() for i in sorted(db.docs) if not db.docs[i].deleted]
             )
+
+    def changed_since(self, database: str, since: str) -> list[str]:
+        """Ids of the docs whose latest change comes after ``since``, in feed order.
+
+        What a client restarting from that seq would see again: no filter,
+        no replay window, no faults, and no request recorded. Tests use it
+        to check that a checkpoint never passes unfinished work.
+        """
+        with self._lock:
+            db = self._db(database)
+            position, _ = self._resolve_since(db, since, "GET", f"/{database}/_changes")
+            return [db.by_seq[s] for s in db.by_seq.irange(minimum=position + 1)]
 
     def update_seq(self, database: str) -> str:
         """The database's current update seq, as an opaque string."""
