@@ -1,4 +1,8 @@
-"""Fixtures backed by real servers: PouchDB Server (CouchDB API) and an SMTP sink."""
+"""Fixtures backed by a real PouchDB Server (CouchDB API).
+
+The SMTP sink, the fake CouchDB and the in-process worker runner come from
+notifier's own pytest plugin (notifier.testing.plugin), as users get them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ from collections.abc import Iterator
 
 import pytest
 from realservers import CouchTestDB, PouchDBServer, create_database, delete_database, unique_db_name
-
-from notifier.testing.smtp import SmtpSink
 
 # test_harness.py checks these fixtures' own failure reports in a nested session.
 pytest_plugins = ["pytester"]
@@ -62,10 +64,3 @@ def couch(pouchdb: PouchDBServer, request: pytest.FixtureRequest) -> Iterator[Co
             pytrace=False,
         )
     delete_database(pouchdb.url, name)
-
-
-@pytest.fixture
-def smtp_sink() -> Iterator[SmtpSink]:
-    """A started SMTP sink on loopback that accepts everything (until told otherwise)."""
-    with SmtpSink() as sink:
-        yield sink
