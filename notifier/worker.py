@@ -110,8 +110,12 @@ class WorkerSettings:
     heartbeat: float = 10.0
     max_attempts: int = 5
     resync_after: float = 60.0
+    # Backoff between delivery attempts (SMTP) and between CouchDB retries
+    # (requests and feed reconnects), in seconds: first delay, and ceiling.
     retry_base: float = 1.0
     retry_cap: float = 60.0
+    couch_retry_base: float = 0.5
+    couch_retry_cap: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
@@ -141,6 +145,7 @@ class Worker:
             selector=SELECTOR,
             heartbeat=s.heartbeat,
             resync_after=s.resync_after,
+            backoff=Backoff(base=s.couch_retry_base, cap=s.couch_retry_cap),
         )
         self.tracker = InFlightTracker()
         self.stats = Stats()
@@ -455,7 +460,7 @@ class Worker:
         A message that was sent must be marked, so this does not give up; the
         drain deadline is what bounds it at shutdown.
         """
-        backoff = Backoff(base=0.5, cap=30.0)
+        backoff = Backoff(base=self.settings.couch_retry_base, cap=self.settings.couch_retry_cap)
         while True:
             try:
                 result = await call(*args, **kwargs)

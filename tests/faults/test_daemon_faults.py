@@ -1,0 +1,218 @@
+"""The daemon under CouchDB faults that no real server stages on demand.
+
+Each scenario runs a worker in process against the fake CouchDB (through its
+httpx transport) and a real SMTP sink, and asserts what counts:
+
+* nothing is lost: every message is delivered and marked;
+* no duplicate: each recipient gets exactly one email;
+* the checkpoint never passes unfinished work: at every checkpoint write,
+  every message whose latest change is at or before the checkpoint is
+  already settled (so a restart from it could not miss one);
+* the worker stays alive: it stops only when told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from notifier.checkpoint import CheckpointStore
+from notifier.config import SmtpConfig
+from notifier.couch import CouchClient, seq_param
+from notifier.mailer import EmailHandler, SmtpPool
+from notifier.message import Composer
+from notifier.shard import Shard
+from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
+from notifier.testing.smtp import SmtpSink
+from notifier.testing.worker import wait_for
+from notifier.tracker import Seq
+from notifier.worker import FAILED, NOTIFIED, Worker, WorkerSettings
+
+pytestmark = pytest.mark.anyio
+
+DB = "messages"
+ONE_WORKER = Shard(worker_id=0, worker_count=1)
+
+
+def seed(fake: FakeCouch, count: int, start: int = 0) -> set[str]:
+    recipients = set()
+    for n in range(start, start + count):
+        to = f"user{n}@example.com"
+        fake.put(DB, {"_id": f"msg-{n:05d}", "to": to, "subject": f"s{n}", "body": "b"})
+        recipients.add(to)
+    return recipients
+
+
+class AuditedCheckpoints(CheckpointStore):
+    """Checks, at every write, that the checkpoint does not pass unsettled messages."""
+
+    def __init__(self, fake: FakeCouch, couch: CouchClient, shard: Shard) -> None:
+        super().__init__(couch, database="workersequences", source_database=DB, shard=shard)
+        self.fake = fake
+        self.shard = shard
+        self.violations: list[str] = []
+        self.saves: list[Seq] = []
+
+    async def save(self, seq: Seq) -> None:
+        # Docs changed after `seq` are what a restart from it would see again;
+        # every other message must already be settled.
+        after = set(self.fake.changed_since(DB, seq_param(seq)))
+        for doc in self.fake.docs(DB):
+            mine = self.shard.owns(doc["_id"])
+            if mine and doc["_id"] not in after and NOTIFIED not in doc and FAILED not in doc:
+                self.violations.append(f"checkpoint {seq!r} passed unsettled {doc['_id']}")
+        self.saves.append(seq)
+        await super().save(seq)
+
+
+@asynccontextmanager
+async def running(
+    fake: FakeCouch,
+    sink: SmtpSink,
+    shard: Shard = ONE_WORKER,
+    **settings: Any,
+) -> AsyncIterator[tuple[Worker, AuditedCheckpoints]]:
+    options: dict[str, Any] = {
+        "heartbeat": 0.3,
+        "checkpoint_interval": 0.1,
+        "max_parallel": 5,
+        "retry_base": 0.05,
+        "retry_cap": 0.2,
+        "couch_retry_base": 0.05,
+        "couch_retry_cap": 0.3,
+        "drain_timeout": 10.0,
+        **settings,
+    }
+    async with (
+        CouchClient(url=IN_PROCESS_URL, transport=fake.transport(), timeout=5.0) as couch,
+        EmailHandler(
+            composer=Composer(sender="n@example.com", database=DB),
+            pool=SmtpPool(SmtpConfig(host=sink.host, port=sink.port), size=5),
+        ) as handler,
+    ):
+        store = AuditedCheckpoints(fake, couch, shard)
+        worker = Worker(
+            couch=couch,
+            handler=handler,
+            checkpoints=store,
+            settings=WorkerSettings(database=DB, shard=shard, **options),
+        )
+        task = asyncio.create_task(worker.run())
+        await wait_for(lambda: worker.ready.is_set() or task.done())
+        try:
+            yield worker, store
+        finally:
+            assert not task.done(), "the worker stopped on its own"
+            worker.stop()
+            await task
+
+
+def assert_all_delivered_once(fake: FakeCouch, sink: SmtpSink, recipients: set[str]) -> None:
+    assert sink.count_by_recipient() == {r: 1 for r in recipients}
+    docs = fake.docs(DB)
+    assert len(docs) == len(recipients)
+    assert all(doc.get(NOTIFIED) is True for doc in docs)
+
+
+def all_settled(fake: FakeCouch, count: int) -> Callable[[], bool]:
+    return lambda: sum(NOTIFIED in d or FAILED in d for d in fake.docs(DB)) >= count
+
+
+@pytest.fixture
+def fake() -> FakeCouch:
+    return FakeCouch(databases=[DB], seed=7)
+
+
+async def test_a_feed_cut_mid_stream_loses_nothing(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
+    recipients = seed(fake, 120)
+    fake.cut_feed_after(25, count=3)
+    async with running(fake, smtp_sink) as (worker, store):
+        await wait_for(all_settled(fake, 120), timeout=30)
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert len(fake.events_of("cut")) == 3
+    assert worker.feed.reconnects >= 3
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert store.violations == []
+    assert store.saves, "it checkpointed"
+
+
+async def test_a_503_storm_is_ridden_out(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
+    recipients = seed(fake, 60)
+    async with running(fake, smtp_sink) as (_, store):
+        await smtp_sink.await_count(5, timeout=20)
+        fake.fail_requests(status=503, count=40)
+        recipients |= seed(fake, 40, start=1000)
+        await wait_for(all_settled(fake, 100), timeout=40)
+    assert len(fake.events_of("status")) == 40
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert store.violations == []
+
+
+async def test_a_stalled_feed_is_noticed_and_reconnected(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    recipients = seed(fake, 30)
+    fake.stall_feed_after(10)
+    async with running(fake, smtp_sink) as (worker, store):
+        await wait_for(all_settled(fake, 30), timeout=30)
+        recipients |= seed(fake, 5, start=500)
+        await wait_for(all_settled(fake, 35), timeout=30)
+    assert fake.events_of("stall")
+    assert worker.feed.reconnects >= 1
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert store.violations == []
+
+
+async def test_a_replayed_window_sends_nothing_twice(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
+    # Half the docs belong to another worker and stay unchanged, so a
+    # reconnect has earlier rows to replay (settled docs moved past it).
+    shard = Shard(worker_id=0, worker_count=2)
+    fake.replay_window = 40
+    seed(fake, 150)
+    mine = {f"user{n}@example.com" for n in range(150) if shard.owns(f"msg-{n:05d}")}
+    fake.cut_feed_after(30, count=4)
+    async with running(fake, smtp_sink, shard) as (worker, store):
+        await wait_for(lambda: len(smtp_sink.messages) >= len(mine), timeout=30)
+        await wait_for(lambda: len(worker.tracker) == 0)
+        await asyncio.sleep(0.5)  # room for a wrongful resend of a replayed row
+    assert fake.events_of("replay")
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in mine}
+    assert store.violations == []
+
+
+async def test_a_server_that_refuses_connections_for_a_while(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    recipients = seed(fake, 40)
+    async with running(fake, smtp_sink) as (_, store):
+        await smtp_sink.await_count(3, timeout=20)
+        fake.refuse_connections(seconds=1.5)
+        recipients |= seed(fake, 10, start=700)
+        await wait_for(all_settled(fake, 50), timeout=40)
+    assert fake.events_of("refused")
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert store.violations == []
+
+
+async def test_smtp_refusing_every_third_message_for_now_delays_but_loses_nothing(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    recipients = seed(fake, 30)
+    attempts: dict[str, int] = {}
+
+    def flaky(info: Any) -> str | None:
+        to = info.rcpt_tos[0]
+        attempts[to] = attempts.get(to, 0) + 1
+        n = int(to.removeprefix("user").partition("@")[0])
+        return "451 4.3.0 try again later" if n % 3 == 0 and attempts[to] == 1 else None
+
+    smtp_sink.reject = flaky
+    async with running(fake, smtp_sink) as (worker, store):
+        await wait_for(all_settled(fake, 30), timeout=30)
+    assert worker.stats.retried == 10
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert store.violations == []
