@@ -6,10 +6,14 @@ notifier's own pytest plugin (notifier.testing.plugin), as users get them.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Iterator
 
 import pytest
 from realservers import CouchTestDB, PouchDBServer, create_database, delete_database, unique_db_name
+from scenario import ScenarioRecord
 
 # test_harness.py checks these fixtures' own failure reports in a nested session.
 pytest_plugins = ["pytester"]
@@ -64,3 +68,29 @@ def couch(pouchdb: PouchDBServer, request: pytest.FixtureRequest) -> Iterator[Co
             pytrace=False,
         )
     delete_database(pouchdb.url, name)
+
+
+#: Where scenario tests append their figures (one JSON object a line); set by
+#: scripts/reliability-report, unset in a plain test run.
+REPORT_ENV = "NOTIFIER_SCENARIO_REPORT"
+
+
+@pytest.fixture
+def scenario_record(request: pytest.FixtureRequest) -> Iterator[ScenarioRecord]:
+    """A record of a reliability scenario's figures, saved when the test passes."""
+    record = ScenarioRecord(scenario=request.node.name)
+    yield record
+    path = os.environ.get(REPORT_ENV)
+    report = getattr(request.node, "rep_call", None)
+    if path and report is not None and report.passed:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    # Lets a fixture see, at teardown, whether its test passed.
+    report = yield
+    if call.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report

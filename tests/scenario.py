@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from realservers import CouchTestDB, unique_db_name
@@ -69,3 +71,29 @@ def to_toml(data: dict[str, Any]) -> str:
                 rendered = repr(value)
             lines.append(f"{key} = {rendered}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ScenarioRecord:
+    """The figures of one reliability scenario, for docs/reliability.md.
+
+    A scenario test fills it in (through the `scenario_record` fixture) and
+    asserts on the same numbers; scripts/reliability-report collects the
+    records of a run into the table.
+    """
+
+    scenario: str
+    messages: int = 0
+    faults: str = ""
+    lost: int = 0
+    duplicates_bound: int = 0
+    duplicates_seen: int = 0
+    recovery_seconds: float | None = None
+    notes: str = ""
+
+    def count(self, sent: Counter[str], expected: Iterable[str]) -> None:
+        """Fill in messages, lost and duplicates from what the SMTP sink received."""
+        wanted = set(expected)
+        self.messages = len(wanted)
+        self.lost = sum(1 for r in wanted if sent[r] == 0)
+        self.duplicates_seen = sum(n - 1 for r, n in sent.items() if n > 1)
