@@ -8,6 +8,7 @@ Exit statuses (documented in README.md; systemd units rely on them):
 69    CouchDB unreachable or failing at start-up, missing database,
       unreadable checkpoint, or a fatal CouchDB error while running
 70    unexpected crash (a bug: the log has the traceback)
+75    lost the worker's lease to another process (restart: it waits as standby)
 76    SMTP server unreachable at start-up, TLS failed, or sender refused
 77    credentials or permissions refused (CouchDB 401/403, SMTP login)
 78    configuration error (file, key and problem are named)
@@ -29,7 +30,7 @@ from notifier import __version__
 from notifier import config as config_module
 from notifier.config import Config
 from notifier.couch import CouchClient
-from notifier.errors import ConfigError, CouchError, DeliveryError, NotifierError
+from notifier.errors import ConfigError, CouchError, DeliveryError, LeaseLost, NotifierError
 from notifier.mailer import SmtpPool
 from notifier.runner import EXIT_FORCED, run_worker
 from notifier.shard import Shard
@@ -40,6 +41,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_COUCH = 69
 EXIT_CRASH = 70
+EXIT_LEASE = 75
 EXIT_SMTP = 76
 EXIT_ACCESS = 77
 EXIT_CONFIG = 78
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit statuses: 0 clean stop, 2 bad command line, 69 CouchDB error, "
-            "70 crash, 76 SMTP error, 77 credentials or permissions refused, "
+            "70 crash, 75 lease lost, 76 SMTP error, 77 credentials or permissions refused, "
             "78 configuration error, 130 forced stop (second signal)"
         ),
     )
@@ -142,6 +144,8 @@ def exit_status(error: NotifierError) -> int:
         return EXIT_COUCH
     if isinstance(error, DeliveryError):
         return EXIT_SMTP
+    if isinstance(error, LeaseLost):
+        return EXIT_LEASE
     return EXIT_CRASH
 
 

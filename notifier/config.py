@@ -103,6 +103,7 @@ class WorkerConfig:
     max_parallel: int = 10
     checkpoint_interval: float = 5.0
     drain_timeout: float = 30.0
+    lease_ttl: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +133,7 @@ _POSITIVE = {
     ("worker", "max_parallel"),
     ("worker", "checkpoint_interval"),
     ("worker", "drain_timeout"),
+    ("worker", "lease_ttl"),
 }
 _NOT_FROM_FILE = {"password"}
 

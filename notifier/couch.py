@@ -206,6 +206,10 @@ class CouchClient:
         rev: str = result["rev"]
         return rev
 
+    async def delete_doc(self, database: str, doc_id: str, rev: str) -> None:
+        """Delete a document revision; a stale ``rev`` raises DocumentConflict."""
+        await self.request("DELETE", doc_path(database, doc_id), params={"rev": rev})
+
     async def bulk_docs(self, database: str, docs: list[Mapping[str, Any]]) -> list[Doc]:
         """Write many documents in one request; per-document conflicts come back in the list."""
         result: list[Doc] = await self.request(

@@ -12,6 +12,7 @@ same thing again later can help, and that attribute alone drives retries::
     │   ├── DocumentConflict        409: someone else wrote the doc first (MVCC)
     │   └── CouchTransientError     429, 5xx, network trouble: retried with backoff
     │       └── CouchTimeoutError   no answer in time
+    ├── LeaseLost                   another process took over this worker's slot
     └── DeliveryError               the handler could not deliver a message
         ├── PermanentDeliveryError  the message can never go: dead-letter it
         ├── TransientDeliveryError  try again later (SMTP 4xx, dropped connection)
@@ -80,6 +81,10 @@ class CouchTransientError(CouchError):
 
 class CouchTimeoutError(CouchTransientError, TimeoutError):
     """No answer from CouchDB within the configured time."""
+
+
+class LeaseLost(NotifierError):
+    """This process no longer holds its worker's lease; it must stop sending."""
 
 
 class DeliveryError(NotifierError):

@@ -22,6 +22,7 @@ import httpx
 from notifier.checkpoint import CheckpointStore
 from notifier.config import Config
 from notifier.couch import CouchClient
+from notifier.lease import Lease
 from notifier.mailer import EmailHandler, SmtpPool
 from notifier.message import Composer
 from notifier.shard import Shard
@@ -76,11 +77,19 @@ async def run_worker(
             source_database=config.couch.database,
             shard=shard,
         )
+        lease = Lease(
+            couch,
+            database=config.couch.checkpoint_database,
+            source_database=config.couch.database,
+            shard=shard,
+            ttl=config.worker.lease_ttl,
+        )
         worker = Worker(
             couch=couch,
             handler=handler,
             checkpoints=checkpoints,
             settings=settings_from_config(config, shard),
+            lease=lease,
         )
         if on_start is not None:
             on_start(worker)

@@ -17,9 +17,11 @@ What it promises (see DESIGN.md):
 * A 409 while marking means someone else wrote the document: it is re-read and
   re-checked, never sent again. A document that shows up again while its first
   copy is still in flight waits for it and is then re-read.
+* Only the holder of the worker's lease (see :mod:`notifier.lease`) reads or
+  sends anything; a second process for the same slot waits as a standby.
 * Shutdown has one fixed order: stop reading, drain within ``drain_timeout``,
-  cancel what is left, write the final checkpoint. The caller closes the
-  clients afterwards (they are async context managers it owns).
+  cancel what is left, write the final checkpoint, release the lease. The
+  caller closes the clients afterwards (async context managers it owns).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from notifier.errors import (
 )
 from notifier.feed import Change, ChangeFeed
 from notifier.handler import Handler
+from notifier.lease import Lease
 from notifier.shard import Shard
 from notifier.tracker import InFlightTracker
 
@@ -134,8 +137,10 @@ class Worker:
         handler: Handler,
         checkpoints: CheckpointStore,
         settings: WorkerSettings,
+        lease: Lease | None = None,
     ) -> None:
         self._couch = couch
+        self._lease = lease
         self._handler = handler
         self._checkpoints = checkpoints
         self.settings = s = settings
@@ -173,6 +178,11 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the worker was asked to stop or is stopping on a fatal error."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Ask the worker to shut down; safe to call any number of times."""
         self._stopping.set()
@@ -186,10 +196,32 @@ class Worker:
         Raises the first fatal error (CouchDB auth, missing database, SMTP
         login) after the same orderly shutdown.
         """
-        s = self.settings
         # Fail fast, and with a clear message, on a wrong URL, credentials or
         # database name, before anything else is read or written.
-        await self._couch.database_info(s.database)
+        await self._couch.database_info(self.settings.database)
+        if self._lease is None:
+            await self._run()
+            return
+        if not await self._lease.acquire(self._stopping):
+            return  # stopped while waiting as a standby
+        try:
+            await self._run()
+        finally:
+            # 5. Give up the lease last, so a standby starts from our final
+            # checkpoint; bounded, like the checkpoint, by systemd's stop timeout.
+            try:
+                await asyncio.wait_for(self._lease.release(), timeout=FINAL_CHECKPOINT_TIMEOUT)
+            except Exception as e:
+                log.warning(
+                    "worker %s: lease not released (%s); it expires by itself",
+                    self.settings.shard,
+                    e,
+                )
+
+    async def _run(self) -> None:
+        s = self.settings
+        # Read only now: while this process waited for the lease, the previous
+        # holder may have moved the checkpoint.
         since = await self._checkpoints.load()
         if since is None:
             log.info("worker %s: no checkpoint yet; starting from the beginning", s.shard)
@@ -199,18 +231,24 @@ class Worker:
         if self._stopping.is_set():
             return
         follower = asyncio.create_task(self._follow(0 if since is None else since))
-        timer = asyncio.create_task(self._checkpoint_timer())
-        for task in (follower, timer):
+        # The lease is renewed by the same kind of task as the checkpoint
+        # timer, and until after the final checkpoint.
+        timers = [asyncio.create_task(self._checkpoint_timer())]
+        if self._lease is not None:
+            timers.append(asyncio.create_task(self._lease.keep()))
+        for task in (follower, *timers):
             task.add_done_callback(self._on_background_done)
         self.ready.set()
         try:
             await self._wake.wait()
         finally:
-            await self._shutdown(follower, timer)
+            await self._shutdown(follower, timers)
         if self._fatal is not None:
             raise self._fatal
 
-    async def _shutdown(self, follower: asyncio.Task[None], timer: asyncio.Task[None]) -> None:
+    async def _shutdown(
+        self, follower: asyncio.Task[None], timers: list[asyncio.Task[None]]
+    ) -> None:
         s = self.settings
         # 1. Stop intake.
         follower.cancel()
@@ -238,8 +276,9 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         # 4. Final checkpoint.
-        timer.cancel()
-        await asyncio.gather(timer, return_exceptions=True)
+        for timer in timers:
+            timer.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
         try:
             await asyncio.wait_for(self._save_checkpoint(), timeout=FINAL_CHECKPOINT_TIMEOUT)
         except Exception as e:

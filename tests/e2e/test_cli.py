@@ -262,3 +262,49 @@ def test_help_explains_every_option() -> None:
     )
     for option in ("--worker-id", "--worker-count", "--config", "--log-level"):
         assert option in sub.stdout
+
+
+def test_a_second_process_for_the_same_worker_waits_and_takes_over(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    recipients = seed(couch, 80)
+    smtp_sink.delay = 0.05
+    cfg = str(config_file(worker={"max_parallel": 2}))
+    args = ("run", "--worker-id", "0", "--worker-count", "1", "--config", cfg)
+    with daemon(tmp_path, *args) as first:
+        wait_until(lambda: len(smtp_sink.messages) >= 5, 30, "the first to send", first)
+        with daemon(tmp_path, *args) as second:
+            wait_until(lambda: "waiting as a standby" in second.output(), 30, "standby", second)
+            assert "already running on" in second.output()
+            first.signal(signal.SIGTERM)
+            assert first.wait() == 0, first.output()
+            wait_until(lambda: len(smtp_sink.messages) >= 80, 60, "all emails", second)
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0, second.output()
+    assert "took the lease" in second.output()
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
+    workers_sent = {doc[RECORD]["worker"] for doc in couch.all_docs()}
+    assert workers_sent == {"0/1"}
+
+
+def test_a_crashed_holder_on_this_host_is_replaced_without_waiting_out_the_lease(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    recipients = seed(couch, 40)
+    smtp_sink.delay = 0.05
+    # A lease far longer than the test: only the dead-pid check can free it.
+    cfg = str(config_file(worker={"max_parallel": 2, "lease_ttl": 600.0}))
+    args = ("run", "--worker-id", "0", "--config", cfg)
+    with daemon(tmp_path, *args) as first:
+        wait_until(lambda: len(smtp_sink.messages) >= 5, 30, "the first to send", first)
+        first.proc.kill()
+        first.proc.wait()
+    with daemon(tmp_path, *args) as second:
+        wait_until(lambda: len(smtp_sink.messages) >= 40, 60, "all emails", second)
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 0, second.output()
+    assert "is gone" in second.output()
+    counts = smtp_sink.count_by_recipient()
+    assert set(counts) == set(recipients)
+    # A crash may resend what was in flight: at most max_parallel.
+    assert sum(n - 1 for n in counts.values()) <= 2

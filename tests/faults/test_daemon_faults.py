@@ -216,3 +216,25 @@ async def test_smtp_refusing_every_third_message_for_now_delays_but_loses_nothin
     assert worker.stats.retried == 10
     assert_all_delivered_once(fake, smtp_sink, recipients)
     assert store.violations == []
+
+
+async def test_a_worker_that_loses_its_lease_stops_sending(
+    fake_couch: FakeCouch, smtp_sink: SmtpSink, notifier_config: Any
+) -> None:
+    from notifier.errors import LeaseLost
+    from notifier.testing.worker import worker_running
+
+    seed(fake_couch, 200)
+    smtp_sink.delay = 0.02
+    config = notifier_config(worker={"lease_ttl": 0.6, "max_parallel": 2})
+    with pytest.raises(LeaseLost, match="another process took over"):
+        async with worker_running(config) as worker:
+            await smtp_sink.await_count(3, timeout=20)
+            lease = fake_couch.get("workersequences", "messages.worker-0-of-1.lease")
+            assert lease is not None
+            fake_couch.put("workersequences", {**lease, "run_id": "usurper", "pid": 1})
+            await wait_for(lambda: worker.stopping, timeout=10)
+    sent_at_loss = len(smtp_sink.messages)
+    await asyncio.sleep(0.5)
+    assert len(smtp_sink.messages) == sent_at_loss, "nothing is sent after the worker stopped"
+    assert sent_at_loss < 200

@@ -1,0 +1,253 @@
+"""One live process per worker slot: a lease document, arbitrated by CouchDB's MVCC.
+
+Two processes started with the same ``--worker-id`` and ``--worker-count`` (a
+copy-pasted unit on a second machine, a manual run beside the service) would
+both send every message of their shard. Before it reads anything, a worker
+therefore takes the lease ``<database>.worker-<id>-of-<count>.lease`` in the
+checkpoint database, and renews it every third of ``lease_ttl``. CouchDB's
+``_rev`` decides every race: of two writers with the same revision, one gets
+a 409.
+
+A second process finds the lease held and waits as a standby, re-checking
+until the holder releases it (a clean stop deletes it), lets it expire, or is
+seen to be gone: a holder on *this* host whose pid no longer exists (a crash,
+SIGKILL, before systemd restarts the unit) is taken over at once, so a
+restart does not wait out the TTL.
+
+A holder that cannot renew before its lease expires (it was paused, or cut off
+from CouchDB) must assume another process took over: it raises
+:class:`~notifier.errors.LeaseLost` and the worker stops. Expiry uses the
+wall clock, so hosts sharing a database need synchronised clocks (NTP); the
+TTL (30 s by default) is far above ordinary skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from notifier.checkpoint import checkpoint_id
+from notifier.couch import CouchClient, is_missing_database
+from notifier.errors import CouchFatalError, CouchTransientError, DocumentConflict, LeaseLost
+from notifier.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who this process is, as written into the lease."""
+
+    run_id: str
+    host: str
+    pid: int
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        return cls(run_id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+
+
+def free_to_take(
+    lease: Mapping[str, Any] | None,
+    *,
+    me: Holder,
+    now: float,
+    alive: Callable[[int], bool] = pid_alive,
+) -> str | None:
+    """Why the lease may be taken now, or ``None`` if someone else holds it.
+
+    >>> me = Holder(run_id="b", host="h1", pid=2)
+    >>> free_to_take(None, me=me, now=100.0)
+    'no lease yet'
+    >>> held = {"run_id": "a", "host": "h2", "pid": 1, "expires_at": 130.0}
+    >>> free_to_take(held, me=me, now=100.0) is None
+    True
+    >>> free_to_take(held, me=me, now=131.0)
+    'the lease expired'
+    >>> free_to_take({**held, "host": "h1"}, me=me, now=100.0, alive=lambda pid: False)
+    'its holder (pid 1 on this host) is gone'
+    """
+    if lease is None:
+        return "no lease yet"
+    if lease.get("run_id") == me.run_id:
+        return "it is ours"
+    expires_at = lease.get("expires_at")
+    if not isinstance(expires_at, int | float) or expires_at <= now:
+        return "the lease expired"
+    pid = lease.get("pid")
+    if lease.get("host") == me.host and isinstance(pid, int) and not alive(pid):
+        return f"its holder (pid {pid} on this host) is gone"
+    return None
+
+
+def lease_id(database: str, shard: Shard) -> str:
+    """
+    >>> lease_id("messages", Shard(worker_id=0, worker_count=2))
+    'messages.worker-0-of-2.lease'
+    """
+    return f"{checkpoint_id(database, shard)}.lease"
+
+
+class Lease:
+    """The lease of one worker slot. ``acquire``, then ``keep`` (a task), then ``release``."""
+
+    #: Seconds between a standby's looks at the lease.
+    STANDBY_POLL = 1.0
+
+    def __init__(
+        self,
+        couch: CouchClient,
+        *,
+        database: str,
+        source_database: str,
+        shard: Shard,
+        ttl: float = 30.0,
+        holder: Holder | None = None,
+        clock: Callable[[], float] = time.time,
+        alive: Callable[[int], bool] = pid_alive,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        self._couch = couch
+        self._database = database
+        self.doc_id = lease_id(source_database, shard)
+        self._shard = shard
+        self.ttl = ttl
+        self.holder = holder or Holder.this_process()
+        self._clock = clock
+        self._alive = alive
+        self._rev: str | None = None
+        self.expires_at = 0.0
+        self.renewals = 0
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "not held"
+        return f"<Lease {self.doc_id} {state} renewals={self.renewals}>"
+
+    @property
+    def held(self) -> bool:
+        return self._rev is not None and self._clock() < self.expires_at
+
+    async def acquire(self, stopping: asyncio.Event) -> bool:
+        """Take the lease, waiting as a standby while another live process holds it.
+
+        Returns ``False`` if ``stopping`` was set first.
+        """
+        waiting_for: str | None = None
+        while not stopping.is_set():
+            current = await self._read()
+            reason = free_to_take(current, me=self.holder, now=self._clock(), alive=self._alive)
+            if reason is not None:
+                try:
+                    await self._write(current)
+                except DocumentConflict:
+                    continue  # another process won the race for it: look again
+                log.info("worker %s: took the lease (%s)", self._shard, reason)
+                return True
+            assert current is not None
+            who = f"{current.get('host')} pid {current.get('pid')}"
+            if waiting_for != who:
+                waiting_for = who
+                log.warning(
+                    "worker %s is already running on %s; waiting as a standby until it stops "
+                    "or its lease expires (check for a duplicate --worker-id)",
+                    self._shard,
+                    who,
+                )
+            # Look again soon: a clean stop deletes the lease, and a standby
+            # should take over within a second, not at the next expiry. A GET a
+            # second per standby costs CouchDB nothing.
+            remaining = float(current.get("expires_at", 0)) - self._clock()
+            delay = min(max(remaining, 0.05), self.STANDBY_POLL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+        return False
+
+    async def keep(self) -> None:
+        """Renew every third of the TTL until cancelled; raise LeaseLost when it is lost."""
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            failing = False
+            while True:
+                try:
+                    # Raises LeaseLost once the lease has expired unrenewed.
+                    await self.renew()
+                    break
+                except CouchTransientError as e:
+                    if not failing:
+                        failing = True
+                        log.warning("worker %s: lease renewal failed, retrying: %s", self._shard, e)
+                    await asyncio.sleep(min(self.ttl / 10, 1.0))
+
+    async def renew(self) -> None:
+        if self._clock() >= self.expires_at:
+            raise LeaseLost(
+                f"worker {self._shard}: the lease expired before it could be renewed "
+                "(the process was paused, or CouchDB unreachable); another process may "
+                "have taken over"
+            )
+        try:
+            await self._write({"_id": self.doc_id, "_rev": self._rev})
+        except DocumentConflict:
+            raise LeaseLost(
+                f"worker {self._shard}: another process took over the lease "
+                f"{self._database}/{self.doc_id}"
+            ) from None
+        self.renewals += 1
+
+    async def release(self) -> None:
+        """Give the lease up, so a standby can take over at once."""
+        if self._rev is None:
+            return
+        rev, self._rev = self._rev, None
+        # A conflict means someone else holds it now: it is not ours to delete.
+        with contextlib.suppress(DocumentConflict):
+            await self._couch.delete_doc(self._database, self.doc_id, rev)
+
+    async def _read(self) -> Mapping[str, Any] | None:
+        try:
+            return await self._couch.get_doc(self._database, self.doc_id)
+        except CouchFatalError as e:
+            if not is_missing_database(e):
+                raise
+        # The first worker ever: the checkpoint database does not exist yet.
+        await self._couch.create_database(self._database)
+        return None
+
+    async def _write(self, current: Mapping[str, Any] | None) -> None:
+        """Write the lease over ``current``; its ``_rev`` decides (DocumentConflict)."""
+        now = self._clock()
+        doc: dict[str, Any] = {
+            "_id": self.doc_id,
+            "run_id": self.holder.run_id,
+            "host": self.holder.host,
+            "pid": self.holder.pid,
+            "worker_id": self._shard.worker_id,
+            "worker_count": self._shard.worker_count,
+            "expires_at": now + self.ttl,
+            "renewed_at": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="seconds"),
+        }
+        if current is not None and current.get("_rev"):
+            doc["_rev"] = current["_rev"]
+        self._rev = await self._couch.put_doc(self._database, doc)
+        self.expires_at = now + self.ttl
