@@ -303,3 +303,47 @@ def test_smtp_sink_knobs_validate_and_ports_differ() -> None:
         assert first.port != second.port
         with pytest.raises(ValueError):
             first.delay = -1
+
+
+@pytest.mark.anyio
+async def test_smtp_sink_drop_closes_the_connection_mid_data(smtp_sink: SmtpSink) -> None:
+    smtp_sink.drop = lambda info: "whaa@example.com" in info.rcpt_tos
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await aiosmtplib.send(_email(), hostname=smtp_sink.host, port=smtp_sink.port, timeout=5)
+    assert smtp_sink.messages == []
+    assert smtp_sink.refused == []
+    [dropped] = smtp_sink.dropped
+    assert dropped.rcpt_tos == ["whaa@example.com"]
+    assert b"Subject: Test 123" in dropped.raw, "the content had arrived when it was dropped"
+
+    await aiosmtplib.send(
+        _email(to="other@example.com"), hostname=smtp_sink.host, port=smtp_sink.port
+    )
+    assert smtp_sink.count_by_recipient() == {"other@example.com": 1}
+    smtp_sink.clear()
+    assert smtp_sink.dropped == []
+
+
+@pytest.mark.anyio
+async def test_smtp_sink_on_a_fixed_port_goes_down_and_comes_back() -> None:
+    port = free_port()
+    with SmtpSink(port=port) as sink:
+        assert sink.port == port
+        client = aiosmtplib.SMTP(hostname=sink.host, port=port, timeout=5)
+        await client.connect()
+        await client.send_message(_email())
+
+        sink.stop()
+        # A stopped sink is a dead server: open connections are gone and new
+        # ones are refused, not left hanging.
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await client.noop()
+        with pytest.raises(aiosmtplib.SMTPConnectError):
+            await aiosmtplib.send(_email(), hostname=sink.host, port=port, timeout=5)
+
+        sink.start()
+        assert sink.port == port
+        await aiosmtplib.send(_email(to="other@example.com"), hostname=sink.host, port=port)
+        assert sink.count_by_recipient() == {"whaa@example.com": 1, "other@example.com": 1}
+    with pytest.raises(ValueError, match="port must be"):
+        SmtpSink(port=70000)

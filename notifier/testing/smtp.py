@@ -80,6 +80,7 @@ class RefusedMessage:
 
 RejectHook = Callable[[ReceivedEnvelopeInfo], str | None]
 RejectRecipientHook = Callable[[str], str | None]
+DropHook = Callable[[ReceivedEnvelopeInfo], bool]
 
 
 def _pick_free_port(host: str) -> int:
@@ -97,7 +98,9 @@ class _State:
     arrived: threading.Condition = field(init=False)
     received: list[ReceivedMessage] = field(default_factory=list)
     refused: list[RefusedMessage] = field(default_factory=list)
+    dropped: list[ReceivedEnvelopeInfo] = field(default_factory=list)
     delay: float = 0.0
+    drop: DropHook | None = None
     reject: RejectHook | None = None
     reject_recipient: RejectRecipientHook | None = None
     reject_sender: RejectRecipientHook | None = None
@@ -177,6 +180,7 @@ class _Handler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         with self._state.lock:
             delay = self._state.delay
+            drop = self._state.drop
             hook = self._state.reject
         if delay > 0:
             # The reply is what tells the client the message is safe; holding
@@ -188,6 +192,17 @@ class _Handler:
             rcpt_tos=list(envelope.rcpt_tos),
             raw=raw,
         )
+        if drop is not None and drop(info):
+            with self._state.lock:
+                self._state.dropped.append(info)
+            # A crash or a network failure after the content arrived: the
+            # client never learns whether the message was taken.
+            transport = server.transport
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.abort()
+            # Losing the connection cancels this session's task (aiosmtpd's
+            # connection_lost); waiting here keeps any reply off the wire.
+            await asyncio.get_running_loop().create_future()
         reply = hook(info) if hook is not None else None
         now = time.monotonic()
         with self._state.lock:
@@ -236,6 +251,10 @@ class SmtpSink:
     Fault knobs, safe to change at any time from any thread:
 
     - `delay`: seconds the server waits before answering DATA.
+    - `drop`: called with the envelope and content of each message; if it
+      returns True the server closes the connection instead of answering
+      DATA (a server that dies or a network that fails mid-DATA). Such
+      messages are recorded in `dropped`, not in `messages`.
     - `reject`: called with the envelope and content of each message; a
       returned SMTP reply such as "451 4.3.0 try later" or "550 5.1.1 no such
       user" is sent instead of accepting it.
@@ -245,6 +264,11 @@ class SmtpSink:
 
     Refusals are recorded in `refused`, not in `messages`. With `username`
     and `password`, the server requires AUTH (PLAIN or LOGIN) before MAIL.
+
+    `port` 0 (the default) picks a free port at each `start()`. A fixed port
+    lets a test `stop()` the sink and `start()` it again where its clients
+    expect it, as a server that goes down and comes back; `stop()` closes
+    open connections too. What was recorded is kept across a restart.
     """
 
     def __init__(
@@ -253,12 +277,16 @@ class SmtpSink:
         username: str | None = None,
         password: str | None = None,
         host: str = _LOOPBACK,
+        port: int = 0,
         ready_timeout: float = 5.0,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0 (any free port) or 1..65535, not {port}")
         self.host = host
-        self.port = 0
+        self._fixed_port = port
+        self.port = port
         self.username = username
         self.password = password
         self._ready_timeout = ready_timeout
@@ -270,6 +298,15 @@ class SmtpSink:
     def start(self) -> None:
         if self._controller is not None:
             raise RuntimeError("SmtpSink is already running")
+        if self._fixed_port:
+            controller = self._make_controller(self._fixed_port)
+            try:
+                controller.start()
+            except BaseException:
+                _discard(controller)
+                raise
+            self._controller = controller
+            return
         last_error: OSError | None = None
         # aiosmtpd cannot bind port 0 and report the port it got, so a free
         # port is chosen first; another process may take it in between.
@@ -366,6 +403,16 @@ class SmtpSink:
             self._state.delay = seconds
 
     @property
+    def drop(self) -> DropHook | None:
+        with self._state.lock:
+            return self._state.drop
+
+    @drop.setter
+    def drop(self, hook: DropHook | None) -> None:
+        with self._state.lock:
+            self._state.drop = hook
+
+    @property
     def reject(self) -> RejectHook | None:
         with self._state.lock:
             return self._state.reject
@@ -407,6 +454,12 @@ class SmtpSink:
         with self._state.lock:
             return list(self._state.refused)
 
+    @property
+    def dropped(self) -> list[ReceivedEnvelopeInfo]:
+        """Messages whose connection the `drop` hook closed instead of answering DATA."""
+        with self._state.lock:
+            return list(self._state.dropped)
+
     def count_by_recipient(self) -> collections.Counter[str]:
         """How many accepted messages each envelope recipient got."""
         counts: collections.Counter[str] = collections.Counter()
@@ -415,10 +468,11 @@ class SmtpSink:
         return counts
 
     def clear(self) -> None:
-        """Forget accepted and refused messages (the knobs are kept)."""
+        """Forget accepted, refused and dropped messages (the knobs are kept)."""
         with self._state.lock:
             self._state.received.clear()
             self._state.refused.clear()
+            self._state.dropped.clear()
 
     def wait_for(self, n: int, timeout: float) -> list[ReceivedMessage]:
         """Block until at least `n` messages were accepted; return them all."""
@@ -450,7 +504,7 @@ class SmtpSink:
         return (
             f"expected {n} message(s) within {timeout:g} s, "
             f"{len(self._state.received)} arrived "
-            f"({len(self._state.refused)} refused)"
+            f"({len(self._state.refused)} refused, {len(self._state.dropped)} dropped)"
         )
 
 
