@@ -191,6 +191,12 @@ def test_a_second_signal_exits_at_once(
         ({}, ["--worker-count", "2", "--worker-id", "2"], 78, "worker_id 2 is out of range"),
         ({"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
         ({}, ["--worker-id", "1"], 78, "worker_id 1 is out of range for worker_count 1"),
+        (
+            {"couch": {"username": "notifier", "password_file": "/nonexistent/couch-password"}},
+            [],
+            78,
+            "[couch] password_file: cannot read /nonexistent/couch-password",
+        ),
     ],
 )
 def test_start_up_errors_have_distinct_exit_statuses(
