@@ -291,12 +291,15 @@ class Worker:
             )
         st = self.stats
         log.info(
-            "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, checkpoint %r",
+            "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, "
+            "couch_requests=%d checkpoint_writes=%d checkpoint=%r",
             s.shard,
             st.sent,
             st.dead_lettered,
             st.retried,
             st.skipped,
+            self._couch.requests,
+            self._checkpoints.writes,
             self._checkpoints.saved,
         )
 
