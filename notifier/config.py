@@ -104,6 +104,8 @@ class WorkerConfig:
     checkpoint_interval: float = 5.0
     drain_timeout: float = 30.0
     lease_ttl: float = 30.0
+    mark_batch_size: int = 100
+    mark_batch_delay: float = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +136,8 @@ _POSITIVE = {
     ("worker", "checkpoint_interval"),
     ("worker", "drain_timeout"),
     ("worker", "lease_ttl"),
+    ("worker", "mark_batch_size"),
+    ("worker", "mark_batch_delay"),
 }
 _NOT_FROM_FILE = {"password"}
 

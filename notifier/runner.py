@@ -43,6 +43,8 @@ def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
         drain_timeout=w.drain_timeout,
         heartbeat=config.couch.heartbeat,
         max_attempts=config.smtp.max_attempts,
+        mark_batch_size=w.mark_batch_size,
+        mark_batch_delay=w.mark_batch_delay,
     )
 
 

@@ -50,6 +50,7 @@ from notifier.errors import (
 from notifier.feed import Change, ChangeFeed
 from notifier.handler import Handler
 from notifier.lease import Lease
+from notifier.marker import BulkWriter
 from notifier.shard import Shard
 from notifier.tracker import InFlightTracker
 
@@ -119,6 +120,8 @@ class WorkerSettings:
     retry_cap: float = 60.0
     couch_retry_base: float = 0.5
     couch_retry_cap: float = 30.0
+    mark_batch_size: int = 100
+    mark_batch_delay: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
@@ -151,6 +154,15 @@ class Worker:
             heartbeat=s.heartbeat,
             resync_after=s.resync_after,
             backoff=Backoff(base=s.couch_retry_base, cap=s.couch_retry_cap),
+        )
+        # Marks go out in _bulk_docs batches. A batch is sent at once when every
+        # message in flight is waiting in it: no more can join soon.
+        self._writer = BulkWriter(
+            couch,
+            database=s.database,
+            max_batch=s.mark_batch_size,
+            max_delay=s.mark_batch_delay,
+            waiting_for=lambda: len(self._tasks),
         )
         self.tracker = InFlightTracker()
         self.stats = Stats()
@@ -275,6 +287,8 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+        # Marks already queued still go out (they cost no email).
+        await self._writer.aclose()
         # 4. Final checkpoint.
         for timer in timers:
             timer.cancel()
@@ -462,7 +476,7 @@ class Worker:
         current: Mapping[str, Any] = doc
         while True:
             try:
-                await self._couch_call(self._couch.put_doc, database, {**current, **fields})
+                await self._couch_call(self._writer.write, {**current, **fields})
                 return
             except DocumentConflict:
                 self.stats.conflicts += 1

@@ -431,16 +431,42 @@ async def test_an_unexpected_handler_error_dead_letters_that_doc_and_goes_on(
 
 
 class RefusingMarks(httpx.AsyncBaseTransport):
-    """Real HTTP, except that writes of one document get the given status."""
+    """Real HTTP, except that the server refuses every write of one document.
 
-    def __init__(self, doc_path: str, status: int) -> None:
+    Single writes get the status; in a _bulk_docs batch the document is taken
+    out before the batch is forwarded, and its row comes back as an error.
+    """
+
+    def __init__(self, database: str, doc_id: str) -> None:
         self._inner = httpx.AsyncHTTPTransport()
-        self._doc_path = doc_path
-        self._status = status
+        self._database = database
+        self._doc_id = doc_id
+        self.refused = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "PUT" and request.url.path == self._doc_path:
-            return httpx.Response(self._status, json={"error": "too_large", "reason": "doc"})
+        path = request.url.path
+        error = {"id": self._doc_id, "error": "too_large", "reason": "the document is too large"}
+        if request.method == "PUT" and path == f"/{self._database}/{self._doc_id}":
+            self.refused += 1
+            return httpx.Response(413, json=error)
+        if request.method == "POST" and path == f"/{self._database}/_bulk_docs":
+            docs = json.loads(await request.aread())["docs"]
+            index = next((i for i, d in enumerate(docs) if d.get("_id") == self._doc_id), None)
+            if index is not None:
+                self.refused += 1
+                rest = docs[:index] + docs[index + 1 :]
+                rows: list[dict[str, Any]] = []
+                if rest:
+                    forwarded = httpx.Request(
+                        "POST",
+                        request.url,
+                        headers={"Content-Type": "application/json", "Accept": "application/json"},
+                        content=json.dumps({"docs": rest}),
+                    )
+                    response = await self._inner.handle_async_request(forwarded)
+                    rows = json.loads(await response.aread())
+                rows.insert(index, error)
+                return httpx.Response(201, json=rows)
         return await self._inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -451,13 +477,14 @@ async def test_a_sent_message_the_server_will_not_let_us_mark_counts_as_done(
     couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
 ) -> None:
     seed(couch, 2)
-    transport = RefusingMarks(f"/{couch.name}/msg-00000", 413)
+    transport = RefusingMarks(couch.name, "msg-00000")
     async with worker_running(make_config(), transport=transport) as worker:
         await wait_for(lambda: len(settled(couch)) == 1 and len(worker.tracker) == 0)
     # Stopping (and resending after every restart) would be worse than an
     # unmarked doc: it was delivered once, logged, and the checkpoint moved on.
     assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
     assert worker.stats.unmarkable == 1
+    assert transport.refused == 1
     assert NOTIFIED not in couch.get("msg-00000")
 
 
