@@ -193,9 +193,12 @@ def from_mapping(
         smtp, password=_password("smtp", smtp, SMTP_PASSWORD_ENV, env, source)
     )
     email: EmailConfig = sections["email"]
-    if "@" not in email.sender or any(c.isspace() for c in email.sender):
+    sender = email.sender
+    if any(c < " " or c == "\x7f" for c in email.sender_name):
+        raise ConfigError(f"{source}: [email] sender_name: must be one line of text")
+    if "@" not in sender or not sender.isascii() or any(c.isspace() for c in sender):
         raise ConfigError(
-            f"{source}: [email] sender: expected an email address, got {email.sender!r}"
+            f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
         )
     return Config(couch=couch, smtp=smtp, email=email, worker=sections["worker"], source=source)
 

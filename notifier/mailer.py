@@ -202,14 +202,11 @@ class EmailHandler:
         await self.pool.check()
 
     async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
-        message = self.composer.compose(doc)
-        recipient = message["To"].addresses[0].addr_spec
+        email = self.composer.compose(doc)
         where = f"SMTP server {self.pool.config.host}:{self.pool.config.port}"
         try:
             async with self.pool.connection() as client:
-                await client.send_message(
-                    message, sender=self.composer.sender, recipients=[recipient]
-                )
+                await client.sendmail(self.composer.sender, [email.recipient], email.data)
         except DeliveryError:
             # Already classified by the pool (some are OSErrors by mixin, so
             # this must come before the catch-all below).
@@ -245,7 +242,7 @@ class EmailHandler:
             # aiosmtplib refuses addresses it cannot put on the wire.
             raise PermanentDeliveryError(f"cannot be sent: {e}") from None
         self.sent += 1
-        return {"messageId": message["Message-ID"]}
+        return {"messageId": email.message_id}
 
 
 def _reply_error(code: int, text: str, what: str) -> Exception:

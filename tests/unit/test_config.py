@@ -64,7 +64,10 @@ def test_invalid_toml_is_named(tmp_path: Path) -> None:
         ("[couch]\nurl = 'ftp://x'", r"\[couch\] url: expected an http"),
         ("[couch]\npassword = 'x'", r"\[couch\] password: unknown key \(passwords come from"),
         ("[couch]\nusername = 'u'", r"\[couch\] username is set but there is no password"),
-        ("[email]\nsender = 'not an address'", r"\[email\] sender: expected an email address"),
+        (
+            "[email]\nsender = 'not an address'",
+            r"\[email\] sender: expected an ASCII email address",
+        ),
         ("couch = 3", r"\[couch\] must be a table"),
     ],
 )
@@ -145,3 +148,11 @@ def test_integers_are_accepted_where_seconds_are_expected() -> None:
 def test_example_is_valid_toml_with_only_known_sections() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
     assert set(data) == {"couch", "smtp", "email", "worker"}
+
+
+def test_a_sender_name_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"\[email\] sender_name: must be one line"):
+        config.from_mapping(
+            {"email": {"sender": "n@example.com", "sender_name": "x\r\nBcc: e@example.com"}},
+            environ={},
+        )

@@ -30,7 +30,7 @@ def good(**fields: Any) -> dict[str, Any]:
 
 def wire(doc: dict[str, Any]) -> email.message.EmailMessage:
     """What the SMTP server would receive, parsed back."""
-    raw = COMPOSER.compose(doc).as_bytes(policy=email.policy.SMTP)
+    raw = COMPOSER.compose(doc).data
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(parsed, email.message.EmailMessage)
     return parsed
@@ -60,7 +60,7 @@ def test_message_id_is_derived_from_the_document() -> None:
 
 def test_unicode_headers_are_encoded_and_round_trip() -> None:
     doc = good(subject="Grüße ☃ — 你好", body="héllo wörld", **{"from": "zoë@example.com"})
-    raw = COMPOSER.compose(doc).as_bytes(policy=email.policy.SMTP)
+    raw = COMPOSER.compose(doc).data
     headers = raw.split(b"\r\n\r\n", 1)[0]
     assert headers.isascii(), "non-ASCII headers must be RFC 2047 encoded"
     msg = email.message_from_bytes(raw, policy=email.policy.default)
@@ -130,3 +130,31 @@ def test_crlf_in_the_body_stays_in_the_body() -> None:
     msg = wire(good(body="line one\r\nBcc: evil@example.com\r\n"))
     assert msg["Bcc"] is None
     assert "Bcc: evil@example.com" in msg.get_content()
+
+
+def test_a_long_subject_is_folded_and_round_trips() -> None:
+    subject = "word " * 150 + "é"
+    raw = COMPOSER.compose(good(subject=subject)).data
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+    assert wire(good(subject=subject))["Subject"] == subject
+
+
+def test_a_body_with_long_lines_or_unicode_travels_as_base64_and_round_trips() -> None:
+    for body in ("x" * 950, "héllo\n.\nthe line above is a lone dot"):
+        msg = wire(good(body=body))
+        assert msg["Content-Transfer-Encoding"] in ("base64", "7bit")
+        assert body in msg.get_content()
+        raw = COMPOSER.compose(good(body=body)).data
+        assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+def test_a_non_ascii_local_part_is_refused_with_the_reason() -> None:
+    with pytest.raises(PermanentDeliveryError, match="not a plain dot-atom of ASCII"):
+        COMPOSER.compose(good(to="jörg@example.com"))
+
+
+def test_the_recipient_is_the_envelope_recipient() -> None:
+    composed = COMPOSER.compose(good(to="Ann.Lee+tag@Example.COM"))
+    assert composed.recipient == "Ann.Lee+tag@Example.COM"
+    assert composed.header("To") == "Ann.Lee+tag@Example.COM"
