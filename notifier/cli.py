@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from notifier import __version__
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=str.upper,
             help="log verbosity (default: $NOTIFIER_LOG_LEVEL or INFO)",
         )
+        p.add_argument(
+            "--log-format",
+            default=os.environ.get("NOTIFIER_LOG_FORMAT", "text"),
+            choices=["text", "json"],
+            help="text for people and the journal, json (one object a line) for log shippers",
+        )
 
     run = commands.add_parser(
         "run",
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = config_module.load(args.config)
         if args.command == "run":
@@ -193,9 +201,28 @@ class _JournalFormatter(logging.Formatter):
         return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
 
 
-def setup_logging(level: str) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    elif os.environ.get("JOURNAL_STREAM"):
         # journald adds its own timestamps and host.
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:

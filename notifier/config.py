@@ -109,19 +109,26 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    listen: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     couch: CouchConfig
     smtp: SmtpConfig
     email: EmailConfig
     worker: WorkerConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
 
 
-_SECTIONS: dict[str, type[Any]] = {
+SECTIONS: dict[str, type[Any]] = {
     "couch": CouchConfig,
     "smtp": SmtpConfig,
     "email": EmailConfig,
     "worker": WorkerConfig,
+    "metrics": MetricsConfig,
 }
 # Keys that must be strictly positive (or at least 1 for counts).
 _POSITIVE = {
@@ -171,13 +178,13 @@ def from_mapping(
 ) -> Config:
     """Validate an already parsed TOML document (see :func:`load`)."""
     env = os.environ if environ is None else environ
-    unknown = sorted(set(data) - set(_SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})"
+            f"{source}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})"
         )
     sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
+    for name, cls in SECTIONS.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, got {_kind(table)}")
@@ -200,7 +207,33 @@ def from_mapping(
         raise ConfigError(
             f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
         )
-    return Config(couch=couch, smtp=smtp, email=email, worker=sections["worker"], source=source)
+    metrics: MetricsConfig = sections["metrics"]
+    if metrics.listen is not None:
+        try:
+            parse_listen(metrics.listen)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return Config(
+        couch=couch,
+        smtp=smtp,
+        email=email,
+        worker=sections["worker"],
+        metrics=metrics,
+        source=source,
+    )
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` as a pair; the error names the key.
+
+    >>> parse_listen("127.0.0.1:9464"), parse_listen("[::1]:80")
+    (('127.0.0.1', 9464), ('::1', 80))
+    """
+    host, sep, port = value.rpartition(":")
+    # Port 0 picks a free port (useful in tests; the log says which).
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        raise ConfigError(f"[metrics] listen: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def _build_section(cls: type[T], section: str, table: Mapping[str, Any], source: str) -> T:

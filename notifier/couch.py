@@ -169,7 +169,7 @@ class CouchClient:
         json_body: Any = None,
     ) -> Any:
         """Send one request; return the decoded JSON body of a 2xx answer, or raise."""
-        what = f"{method} {path}"
+        what = f"{method} {self.url}{path}"
         self.requests += 1
         try:
             response = await self._http.request(
@@ -266,7 +266,7 @@ class CouchClient:
             params["filter"] = "_selector"
             params["selector"] = json.dumps(selector, separators=(",", ":"))
             body["selector"] = selector
-        what = f"POST /{database}/_changes?feed={feed}"
+        what = f"POST {self.url}/{database}/_changes?feed={feed}"
         timeout = httpx.Timeout(self._timeout, read=idle_timeout or self._timeout)
         self.requests += 1
         try:

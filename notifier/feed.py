@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +80,7 @@ class ChangeFeed:
         heartbeat: float = 10.0,
         resync_after: float = 60.0,
         backoff: Backoff | None = None,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._couch = couch
         self._database = database
@@ -90,6 +91,7 @@ class ChangeFeed:
         self.idle_timeout = heartbeat + max(2.0, heartbeat / 2)
         self._resync_after = resync_after
         self._backoff = backoff or Backoff(base=0.5, cap=30.0)
+        self._on_connect = on_connect
         self.connected = False
         self.reconnects = 0
         self.rows = 0
@@ -150,6 +152,8 @@ class ChangeFeed:
         ) as lines:
             self.connected = True
             log.debug("changes feed connected since=%r", since)
+            if self._on_connect is not None:
+                self._on_connect()
             async for line in lines:
                 if not line.strip():
                     # A heartbeat: the connection is alive but nothing happened.

@@ -12,6 +12,7 @@ then is sent again after a restart (the checkpoint never passed it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,17 +21,21 @@ from collections.abc import Callable
 import httpx
 
 from notifier.checkpoint import CheckpointStore
-from notifier.config import Config
+from notifier.config import Config, parse_listen
 from notifier.couch import CouchClient
 from notifier.lease import Lease
 from notifier.mailer import EmailHandler, SmtpPool
 from notifier.message import Composer
+from notifier.metrics import Observability
 from notifier.shard import Shard
+from notifier.systemd import SystemdNotifier
 from notifier.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 130
+#: Seconds between STATUS= updates to systemd.
+STATUS_INTERVAL = 5.0
 
 
 def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
@@ -95,17 +100,47 @@ async def run_worker(
         )
         if on_start is not None:
             on_start(worker)
+        systemd = SystemdNotifier()
         if handle_signals:
-            _install_signal_handlers(worker)
+            _install_signal_handlers(worker, systemd)
         try:
-            await worker.run()
+            async with contextlib.AsyncExitStack() as stack:
+                if config.metrics.listen is not None:
+                    host, port = parse_listen(config.metrics.listen)
+                    await stack.enter_async_context(Observability(worker, host=host, port=port))
+                reporter = asyncio.create_task(_report_to_systemd(worker, systemd))
+                try:
+                    await worker.run()
+                finally:
+                    reporter.cancel()
+                    await asyncio.gather(reporter, return_exceptions=True)
         finally:
             if handle_signals:
                 _remove_signal_handlers()
     return worker
 
 
-def _install_signal_handlers(worker: Worker) -> None:
+async def _report_to_systemd(worker: Worker, systemd: SystemdNotifier) -> None:
+    """READY=1 once the worker runs; STATUS= lines, and watchdog pings from the loop."""
+    if not systemd.enabled:
+        return
+    interval = min(STATUS_INTERVAL, systemd.watchdog_interval or STATUS_INTERVAL)
+    ready = False
+    while True:
+        fields = {"STATUS": worker.status_line()}
+        if worker.ready.is_set() and not ready:
+            ready = True
+            fields["READY"] = "1"
+        if systemd.watchdog_interval is not None:
+            # Sent from the event loop itself: if the loop hangs, pings stop
+            # and systemd restarts the service.
+            fields["WATCHDOG"] = "1"
+        systemd.notify(**fields)
+        # Check readiness often until it is reached, then settle to the interval.
+        await asyncio.sleep(interval if ready else min(interval, 0.2))
+
+
+def _install_signal_handlers(worker: Worker, systemd: SystemdNotifier) -> None:
     loop = asyncio.get_running_loop()
     received: list[str] = []
 
@@ -117,6 +152,7 @@ def _install_signal_handlers(worker: Worker) -> None:
                 "exit at once)",
                 sig.name,
             )
+            systemd.notify(STOPPING="1", STATUS=f"stopping on {sig.name}: draining")
             worker.stop()
         else:
             log.warning("received %s again: exiting at once", sig.name)

@@ -154,6 +154,9 @@ class Worker:
             heartbeat=s.heartbeat,
             resync_after=s.resync_after,
             backoff=Backoff(base=s.couch_retry_base, cap=s.couch_retry_cap),
+            # Ready (for systemd and tests) once the lease and checkpoint are
+            # taken and the feed is connected.
+            on_connect=self._on_feed_connected,
         )
         # Marks go out in _bulk_docs batches. A batch is sent at once when every
         # message in flight is waiting in it: no more can join soon.
@@ -167,6 +170,12 @@ class Worker:
         self.tracker = InFlightTracker()
         self.stats = Stats()
         self.ready = asyncio.Event()
+        #: "starting", "standby" (waiting for the lease), "running", "draining", "stopped"
+        self.phase = "starting"
+        #: Seconds an accepted email took to deliver; set by the metrics, if any.
+        self.on_delivered: Callable[[float], None] | None = None
+        # monotonic time of the last checkpoint pass that left nothing unsaved
+        self.checkpoint_ok_at = time.monotonic()
         self._slots = asyncio.Semaphore(s.max_parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, asyncio.Event] = {}
@@ -189,6 +198,20 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def status_line(self) -> str:
+        """One line of live counts (systemd's STATUS=, logs)."""
+        st = self.stats
+        feed = "connected" if self.feed.connected else "disconnected"
+        return (
+            f"{self.phase}: {st.sent} sent, {st.dead_lettered} dead-lettered, "
+            f"{self.in_flight} in flight, feed {feed}"
+        )
+
+    def _on_feed_connected(self) -> None:
+        if not self.ready.is_set():
+            self.ready.set()
+            log.info("worker %s: changes feed connected; running", self.settings.shard)
 
     @property
     def stopping(self) -> bool:
@@ -214,6 +237,7 @@ class Worker:
         if self._lease is None:
             await self._run()
             return
+        self.phase = "standby"
         if not await self._lease.acquire(self._stopping):
             return  # stopped while waiting as a standby
         try:
@@ -250,7 +274,7 @@ class Worker:
             timers.append(asyncio.create_task(self._lease.keep()))
         for task in (follower, *timers):
             task.add_done_callback(self._on_background_done)
-        self.ready.set()
+        self.phase = "running"
         try:
             await self._wake.wait()
         finally:
@@ -263,6 +287,7 @@ class Worker:
     ) -> None:
         s = self.settings
         # 1. Stop intake.
+        self.phase = "draining"
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         # 2. Drain what is in flight, within the deadline.
@@ -303,6 +328,7 @@ class Worker:
                 type(e).__name__,
                 e,
             )
+        self.phase = "stopped"
         st = self.stats
         log.info(
             "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, "
@@ -415,6 +441,7 @@ class Worker:
         attempts = 0
         while True:
             attempts += 1
+            started = time.monotonic()
             try:
                 receipt = await self._handler.deliver(doc)
             except PermanentDeliveryError as e:
@@ -450,6 +477,8 @@ class Worker:
                     )
                     self._smtp_down_since = None
                 self.stats.sent += 1
+                if self.on_delivered is not None:
+                    self.on_delivered(time.monotonic() - started)
                 log.debug("message %s delivered to the SMTP server", doc["_id"])
                 return {
                     NOTIFIED: True,
@@ -556,11 +585,11 @@ class Worker:
         """Write the checkpoint if it moved (arrival numbers tell; seqs are never compared)."""
         arrival = self.tracker.checkpoint_arrival
         seq = self.tracker.checkpoint
-        if seq is None or arrival == self._saved_arrival:
-            return
-        await self._checkpoints.save(seq)
-        self._saved_arrival = arrival
-        log.debug("checkpoint %r written", seq)
+        if seq is not None and arrival != self._saved_arrival:
+            await self._checkpoints.save(seq)
+            self._saved_arrival = arrival
+            log.debug("checkpoint %r written", seq)
+        self.checkpoint_ok_at = time.monotonic()
 
 
 def is_settled(doc: Mapping[str, Any]) -> bool:

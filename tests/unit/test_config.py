@@ -34,7 +34,7 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
 def test_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
-    for section in (config.CouchConfig, config.SmtpConfig, config.EmailConfig, config.WorkerConfig):
+    for section in config.SECTIONS.values():
         for field in section.__dataclass_fields__:
             if field != "password":
                 assert field in documented, f"{section.__name__}.{field} missing from example"
@@ -147,12 +147,22 @@ def test_integers_are_accepted_where_seconds_are_expected() -> None:
 
 def test_example_is_valid_toml_with_only_known_sections() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
-    assert set(data) == {"couch", "smtp", "email", "worker"}
+    assert set(data) == {"couch", "smtp", "email", "worker", "metrics"}
 
 
 def test_a_sender_name_with_a_line_break_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"\[email\] sender_name: must be one line"):
         config.from_mapping(
             {"email": {"sender": "n@example.com", "sender_name": "x\r\nBcc: e@example.com"}},
+            environ={},
+        )
+
+
+@pytest.mark.parametrize("listen", ["9464", "localhost", "host:99999", ":80"])
+def test_a_bad_metrics_address_is_named(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"<x>: \[metrics\] listen: expected HOST:PORT"):
+        config.from_mapping(
+            {"email": {"sender": "n@example.com"}, "metrics": {"listen": listen}},
+            source="<x>",
             environ={},
         )

@@ -1,0 +1,215 @@
+"""What an operator watches, over real sockets: sd_notify, /metrics, /healthz, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from realservers import free_port
+from scenario import to_toml
+
+from notifier.testing.fake_couch import FakeCouch
+from notifier.testing.smtp import SmtpSink
+
+pytestmark = pytest.mark.e2e
+
+NOTIFIER = str(Path(sys.executable).with_name("notifier"))
+
+
+def wait(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Datagrams:
+    """A systemd-style notify socket that collects what the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.received: list[dict[str, str]] = []
+
+    def poll(self) -> list[dict[str, str]]:
+        while True:
+            try:
+                data = self.sock.recv(65536).decode()
+            except BlockingIOError:
+                return self.received
+            self.received.append(dict(line.split("=", 1) for line in data.splitlines()))
+
+    def seen(self, key: str, value: str | None = None) -> bool:
+        return any(key in d and (value is None or d[key] == value) for d in self.poll())
+
+
+@pytest.fixture
+def daemon(
+    fake_couch: FakeCouch, couch_url: str, smtp_sink: SmtpSink, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Datagrams, str, Path]]:
+    notify = Datagrams(tmp_path / "notify")
+    port = free_port()
+    config = tmp_path / "notifier.toml"
+    config.write_text(
+        to_toml(
+            {
+                "couch": {"url": couch_url, "database": "messages", "heartbeat": 0.5},
+                "smtp": {"host": smtp_sink.host, "port": smtp_sink.port},
+                "email": {"sender": "notify@example.com"},
+                "worker": {"checkpoint_interval": 0.3},
+                "metrics": {"listen": f"127.0.0.1:{port}"},
+            }
+        )
+    )
+    log = tmp_path / "notifier.log"
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(tmp_path / "notify"),
+        "WATCHDOG_USEC": "1000000",
+        "NOTIFIER_SMTP_PASSWORD": "not-used-here",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [NOTIFIER, "run", "--worker-id", "0", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        yield proc, notify, f"http://127.0.0.1:{port}", log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.sock.close()
+
+
+def test_systemd_hears_ready_status_watchdog_and_stopping(
+    daemon: tuple[subprocess.Popen[bytes], Datagrams, str, Path],
+    fake_couch: FakeCouch,
+    smtp_sink: SmtpSink,
+) -> None:
+    proc, notify, _, log = daemon
+    wait(lambda: notify.seen("READY", "1"), "READY=1")
+    fake_couch.put("messages", {"_id": "m1", "to": "ann@example.com"})
+    smtp_sink.wait_for(1, timeout=20)
+    wait(lambda: any("1 sent" in d.get("STATUS", "") for d in notify.poll()), "a STATUS count")
+    wait(lambda: notify.seen("WATCHDOG", "1"), "a watchdog ping")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0, log.read_text()
+    assert notify.seen("STOPPING", "1")
+
+
+def test_metrics_and_health_over_http(
+    daemon: tuple[subprocess.Popen[bytes], Datagrams, str, Path],
+    fake_couch: FakeCouch,
+    smtp_sink: SmtpSink,
+) -> None:
+    proc, notify, base, log = daemon
+    wait(lambda: notify.seen("READY", "1"), "READY=1")
+    for n in range(3):
+        fake_couch.put("messages", {"_id": f"m{n}", "to": f"user{n}@example.com"})
+    fake_couch.put("messages", {"_id": "bad", "to": 5})
+    smtp_sink.wait_for(3, timeout=20)
+
+    def metrics() -> str:
+        return httpx.get(f"{base}/metrics", timeout=5).text
+
+    wait(lambda: 'notifier_emails_dead_lettered_total{worker="0/1"} 1.0' in metrics(), "metrics")
+    text = metrics()
+    assert 'notifier_emails_sent_total{worker="0/1"} 3.0' in text
+    assert 'notifier_send_seconds_count{worker="0/1"} 3.0' in text
+    assert 'notifier_feed_connected{worker="0/1"} 1.0' in text
+    assert 'notifier_in_flight{worker="0/1"} 0.0' in text
+    assert "notifier_checkpoint_age_seconds" in text
+    healthy = httpx.get(f"{base}/healthz", timeout=5)
+    assert (healthy.status_code, healthy.json()) == (200, {"status": "ok"})
+
+    fake_couch.refuse_connections()
+    wait(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, "unhealthy")
+    sick = httpx.get(f"{base}/healthz", timeout=5).json()
+    assert sick["status"] == "unhealthy"
+    assert "the changes feed is not connected" in sick["reasons"]
+    fake_couch.accept_connections()
+    wait(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, "healthy again")
+    assert httpx.get(f"{base}/nope", timeout=5).status_code == 404
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0, log.read_text()
+    lines = log.read_text().splitlines()
+    # One line per lifecycle event, with counts; no per-message lines at INFO.
+    assert any("changes feed connected; running" in line for line in lines)
+    assert any("stopped: sent 3, dead-lettered 1" in line for line in lines)
+    assert not any("m1" in line for line in lines if " INFO " in line)
+
+
+def test_json_logs_for_log_shippers(
+    fake_couch: FakeCouch, couch_url: str, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    config = tmp_path / "notifier.toml"
+    config.write_text(
+        to_toml(
+            {
+                "couch": {"url": couch_url, "database": "nope"},
+                "smtp": {"host": smtp_sink.host, "port": smtp_sink.port},
+                "email": {"sender": "notify@example.com"},
+            }
+        )
+    )
+    result = subprocess.run(
+        [NOTIFIER, "run", "--worker-id", "0", "--config", str(config), "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 69
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records[-1]["level"] == "ERROR"
+    assert "does not exist" in records[-1]["message"]
+    assert {"time", "level", "logger", "message"} <= set(records[-1])
+
+
+def test_no_secret_reaches_the_logs_even_in_connection_tracebacks(
+    smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    secret = "s3cr3t-Pa55"
+    dead_port = free_port()
+    config = tmp_path / "notifier.toml"
+    config.write_text(
+        to_toml(
+            {
+                "couch": {"url": f"http://127.0.0.1:{dead_port}", "username": "admin"},
+                "smtp": {"host": smtp_sink.host, "port": smtp_sink.port, "username": "mailer"},
+                "email": {"sender": "notify@example.com"},
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "NOTIFIER_COUCH_PASSWORD": secret,
+        "NOTIFIER_SMTP_PASSWORD": secret,
+    }
+    for level in ("DEBUG", "INFO"):
+        result = subprocess.run(
+            [NOTIFIER, "run", "--worker-id", "0", "--config", str(config), "--log-level", level],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert result.returncode == 69, result.stderr
+        output = result.stdout + result.stderr
+        assert "127.0.0.1" in output, "the error names where it tried to connect"
+        assert secret not in output
+        assert "admin:" not in output
