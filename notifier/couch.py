@@ -244,7 +244,7 @@ class CouchClient:
         heartbeat: float | None = None,
         idle_timeout: float | None = None,
         limit: int | None = None,
-    ) -> AsyncIterator[AsyncIterator[str]]:
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
         """Open ``_changes`` and yield an iterator over its raw lines.
 
         The lines are JSON rows, blank heartbeat lines and, at the end of a
@@ -288,10 +288,20 @@ class CouchClient:
             raise CouchTransientError(f"CouchDB {what}: {_name(e)}: {e}") from e
 
 
-async def _lines(response: httpx.Response, what: str) -> AsyncIterator[str]:
+async def _lines(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
+    # Split on LF only. httpx's aiter_lines() splits like str.splitlines(),
+    # also at U+2028, U+2029 and U+0085, which JSON strings may hold raw (and
+    # PouchDB Server sends them so): a row would be cut in two, and the feed
+    # would stall on it forever. Raw LF never occurs inside JSON.
+    pending = b""
     try:
-        async for line in response.aiter_lines():
-            yield line
+        async for chunk in response.aiter_bytes():
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line
+        if pending:
+            yield pending
     except httpx.TimeoutException as e:
         raise CouchTimeoutError(f"CouchDB {what}: no data in time ({_name(e)})") from e
     except httpx.TransportError as e:

@@ -184,7 +184,7 @@ class ChangeFeed:
         async with self._couch.changes(
             self._database, feed="normal", since=since, selector=self._selector, limit=1000
         ) as lines:
-            body = "".join([line async for line in lines])
+            body = b"".join([line async for line in lines])
         result = _loads(body)
         rows = result.get("results")
         if not isinstance(rows, list) or "last_seq" not in result:
@@ -196,7 +196,7 @@ class ChangeFeed:
         yield Change(seq=result["last_seq"], doc_id=None)
 
 
-def _loads(text: str) -> dict[str, Any]:
+def _loads(text: bytes) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:

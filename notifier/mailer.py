@@ -154,7 +154,18 @@ class SmtpPool:
                     f"{where} refused the session: {e.code} {e.message}"
                 ) from None
             raise ChannelUnavailableError(f"{where}: {e.code} {e.message}") from None
-        except (aiosmtplib.SMTPException, OSError) as e:
+        except aiosmtplib.SMTPException as e:
+            # aiosmtplib has no class of its own for a server without STARTTLS.
+            if c.security == "starttls" and "STARTTLS" in str(e):
+                raise DeliveryFatalError(
+                    f"{where}: {e} (check [smtp] security; nothing is sent in clear text)"
+                ) from None
+            if isinstance(e.__cause__, ssl.SSLError):
+                raise DeliveryFatalError(
+                    f"{where}: TLS failed ([smtp] security, tls_verify): {e.__cause__}"
+                ) from None
+            raise ChannelUnavailableError(f"cannot connect to {where}: {e}") from None
+        except OSError as e:
             # aiosmtplib wraps TLS failures in SMTPConnectError; a certificate
             # that does not verify needs a person, not retries.
             if isinstance(e, ssl.SSLError) or isinstance(e.__cause__, ssl.SSLError):

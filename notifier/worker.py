@@ -574,12 +574,20 @@ class Worker:
     # -- checkpoints -------------------------------------------------------------
 
     async def _checkpoint_timer(self) -> None:
+        failing_since: float | None = None
         while True:
             await asyncio.sleep(self.settings.checkpoint_interval)
             try:
                 await self._save_checkpoint()
             except CouchTransientError as e:
-                log.warning("checkpoint not written, will try again: %s", e)
+                # Once per incident: an outage is one story, not one per tick.
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("checkpoint not written, will keep trying: %s", e)
+                continue
+            if failing_since is not None:
+                log.info("checkpoint written again after %.1fs", time.monotonic() - failing_since)
+                failing_since = None
 
     async def _save_checkpoint(self) -> None:
         """Write the checkpoint if it moved (arrival numbers tell; seqs are never compared)."""

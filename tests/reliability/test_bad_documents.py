@@ -374,16 +374,6 @@ def test_a_doc_edited_or_deleted_while_its_email_is_in_flight_is_sent_once(
     assert scenario_record.duplicates_seen == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "notifier/couch.py _lines() reads the feed with httpx's Response.aiter_lines(), which "
-        "splits like str.splitlines(): on U+2028, U+2029 and U+0085 too, not only on LF. "
-        "PouchDB Server sends them unescaped inside JSON strings (JSON allows it), so the "
-        "row is cut in two, feed._loads() raises 'not JSON', the worker reconnects from the "
-        "same seq and meets the same row: the shard stalls for good."
-    ),
-)
 def test_unicode_line_separators_in_a_doc_do_not_stall_the_feed(
     couch: CouchTestDB, smtp_sink: SmtpSink, cli: NotifierCli, scenario_record: ScenarioRecord
 ) -> None:

@@ -12,8 +12,8 @@ connections mid-DATA and refuses the login. What must hold (DESIGN.md, 6):
   dead-lettering anything: once fixed, every message goes out once;
 * one message that always fails never holds the checkpoint back.
 
-The last test is marked xfail: it shows a relay that withdraws STARTTLS while
-the worker runs being taken for an outage (see its reason).
+* a relay that withdraws STARTTLS while the worker runs stops it, as any
+  other TLS failure does: nothing goes out in clear text.
 
 Time to recover is from the end of the fault to the next email delivered.
 """
@@ -357,15 +357,6 @@ class TlsRelay:
         return "250 OK"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "notifier/mailer.py SmtpPool._connect classifies a relay without STARTTLS by catching "
-        "aiosmtplib.SMTPNotSupported, but aiosmtplib 5 raises a plain SMTPException for it, "
-        "so it falls through to ChannelUnavailableError: mid-run the worker waits for the "
-        "relay for ever (one warning) instead of stopping as for any other TLS failure."
-    ),
-)
 def test_a_relay_that_stops_offering_starttls_while_running_stops_the_worker(
     fake_couch: FakeCouch, couch_url: str, tmp_path: Path, scenario_record: ScenarioRecord
 ) -> None:
