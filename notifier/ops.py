@@ -1,0 +1,964 @@
+"""What an operator runs before and after starting workers: ``check`` and ``status``.
+
+:func:`run_checks` connects to CouchDB and the SMTP server the way a worker
+would, without writing or sending anything, and says for each step whether it
+works and, if not, what to change. :func:`gather_status` reads every worker's
+checkpoint and lease documents, of every layout (worker count), and estimates
+how far each worker is behind.
+
+Both only read. Neither prints a password: the configuration keeps them in
+:class:`~notifier.config.Secret`, and the messages here name the setting to
+fix (``NOTIFIER_COUCH_PASSWORD``, ``[smtp] password_file``…), never its value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import aiosmtplib
+import httpx
+
+from notifier.config import COUCH_PASSWORD_ENV, SMTP_PASSWORD_ENV, Config
+from notifier.couch import CouchClient, Doc, is_missing_database, seq_param
+from notifier.errors import (
+    ChannelUnavailableError,
+    CouchAccessDenied,
+    CouchError,
+    CouchFatalError,
+    CouchTransientError,
+    DeliveryError,
+    DeliveryFatalError,
+    NotifierError,
+    SmtpLoginRefused,
+    TransientDeliveryError,
+)
+from notifier.lease import pid_alive
+from notifier.mailer import SmtpPool
+from notifier.tracker import Seq
+from notifier.worker import SELECTOR
+
+__all__ = [
+    "CheckReport",
+    "CheckResult",
+    "LayoutStatus",
+    "LeaseInfo",
+    "StatusReport",
+    "WorkerStatus",
+    "gather_status",
+    "run_checks",
+]
+
+T = TypeVar("T")
+
+# -- check ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One step of :func:`run_checks`.
+
+    ``ok`` is true when the step worked. A step that could not run because an
+    earlier one failed has ``skipped`` set (and ``ok`` false); it is not a
+    failure of its own. ``fix`` says what to change when the step failed.
+    ``error`` is the classified error behind a failure, for choosing an exit
+    status; it is never printed as a whole.
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    skipped: bool = False
+    error: NotifierError | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok and not self.skipped
+
+    @property
+    def mark(self) -> str:
+        if self.ok:
+            return "ok"
+        return "skip" if self.skipped else "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """The outcome of :func:`run_checks`, in the order the steps ran."""
+
+    source: str
+    results: tuple[CheckResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.failed]
+
+    @property
+    def first_error(self) -> NotifierError | None:
+        """The error of the first failed step (``None`` when every step passed).
+
+        Its class says what kind of problem it is: a ``PermissionError``
+        (credentials refused), a :class:`~notifier.errors.CouchError` or a
+        :class:`~notifier.errors.DeliveryError`.
+        """
+        return next((r.error for r in self.results if r.failed and r.error), None)
+
+    def render(self) -> str:
+        """A report for a terminal: one line per step, then the fix under each failure."""
+        width = max(len(r.name) for r in self.results)
+        lines = [f"notifier check: {self.source}"]
+        for r in self.results:
+            lines.append(f"  {r.mark:<4}  {r.name:<{width}}  {r.detail}")
+            if r.fix and not r.ok:
+                lines.append(f"  {'':<4}  {'':<{width}}  fix: {r.fix}")
+        failed = len(self.failures)
+        if failed:
+            lines.append(f"{failed} of {len(self.results)} checks failed")
+        else:
+            lines.append(f"all {len(self.results)} checks passed")
+        return "\n".join(lines) + "\n"
+
+
+class _Checks:
+    """Collects results; a failed step can turn the steps that need it into skips."""
+
+    def __init__(self) -> None:
+        self.results: list[CheckResult] = []
+
+    def ok(self, name: str, detail: str) -> None:
+        self.results.append(CheckResult(name, True, detail))
+
+    def fail(self, name: str, error: NotifierError, detail: str, fix: str) -> None:
+        self.results.append(CheckResult(name, False, detail, fix, error=error))
+
+    def skip(self, name: str, why: str) -> None:
+        self.results.append(CheckResult(name, False, f"not checked: {why}", skipped=True))
+
+
+COUCH_SERVER = "CouchDB server"
+COUCH_LOGIN = "CouchDB credentials"
+DATABASE = "messages database"
+CHECKPOINT_DATABASE = "checkpoint database"
+SELECTOR_FILTER = "_selector filter"
+SMTP_CONNECTION = "SMTP connection"
+SMTP_SENDER = "SMTP sender"
+
+
+async def run_checks(
+    config: Config, *, transport: httpx.AsyncBaseTransport | None = None
+) -> CheckReport:
+    """Connect to CouchDB and the SMTP server as a worker would; write and send nothing.
+
+    The steps, in order: the CouchDB server answers, it accepts the
+    credentials, the messages database exists, the checkpoint database exists
+    (or a worker will create it), CouchDB accepts the ``_selector`` filter the
+    worker uses, the SMTP server takes a connection (with TLS and login as
+    configured), and it accepts ``[email] sender`` in a ``MAIL FROM`` (which is
+    then reset: no message is sent). A failure skips only the steps that
+    cannot run without it: with CouchDB unreachable, SMTP is still checked.
+
+    Only a :class:`~notifier.errors.NotifierError` counts as a failed step;
+    anything else is a bug and propagates.
+    """
+    checks = _Checks()
+    worker_count = config.worker.worker_count
+    checks.ok(
+        "configuration",
+        f"{config.source}: read; database {config.couch.database!r}, "
+        f"{worker_count} worker{'s' if worker_count != 1 else ''} by default",
+    )
+    async with CouchClient.from_config(config.couch, transport=transport) as couch:
+        await _check_couch(config, couch, checks)
+    await _check_smtp(config, checks)
+    return CheckReport(source=config.source, results=tuple(checks.results))
+
+
+async def _attempt(awaitable: Awaitable[T]) -> T | CouchError:
+    try:
+        return await awaitable
+    except CouchError as e:
+        return e
+
+
+async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> None:
+    c = config.couch
+    url = couch.url
+    later = [COUCH_LOGIN, DATABASE, CHECKPOINT_DATABASE, SELECTOR_FILTER]
+
+    # 1. Anything answering at all. CouchDB answers GET / without credentials,
+    # but refuses wrong ones even there (401): that is the next step's failure.
+    welcome = await _attempt(couch.request("GET", "/"))
+    refused_at_root: CouchError | None = None
+    if isinstance(welcome, CouchAccessDenied) and welcome.status == 401:
+        refused_at_root = welcome
+        checks.ok(COUCH_SERVER, f"{url} answered")
+    elif isinstance(welcome, CouchError):
+        checks.fail(
+            COUCH_SERVER, welcome, f"{url}: {_couch_reason(welcome)}", _unreachable_fix(welcome)
+        )
+        for name in later:
+            checks.skip(name, "CouchDB did not answer")
+        return
+    else:
+        checks.ok(COUCH_SERVER, f"{url} answered: {_server_name(welcome)}")
+
+    # 2. Credentials, seen on the first request that needs them.
+    info: Doc | CouchError = (
+        refused_at_root
+        if refused_at_root is not None
+        else await _attempt(couch.database_info(c.database))
+    )
+    if isinstance(info, CouchError) and info.status == 401:
+        if c.username is None:
+            detail = f"{url} requires a login (401) and [couch] username is not set"
+            fix = (
+                f"set [couch] username, and its password in {COUCH_PASSWORD_ENV} "
+                "or [couch] password_file"
+            )
+        else:
+            detail = f"{url} refused the login of user {c.username!r} (401)"
+            fix = (
+                f"check [couch] username and its password ({COUCH_PASSWORD_ENV} "
+                "or [couch] password_file)"
+            )
+        checks.fail(COUCH_LOGIN, info, detail, fix)
+        for name in later[1:]:
+            checks.skip(name, "CouchDB refused the credentials")
+        return
+    if c.username is None:
+        checks.ok(COUCH_LOGIN, "none configured; the server allows anonymous requests")
+    else:
+        checks.ok(COUCH_LOGIN, f"accepted for user {c.username!r}")
+
+    # 3. The database the worker follows.
+    db_exists = False
+    if isinstance(info, CouchError):
+        if is_missing_database(info):
+            checks.fail(
+                DATABASE,
+                info,
+                f"{c.database!r} does not exist on {url}",
+                f"check [couch] database, or create the database (PUT {url}/{_q(c.database)})",
+            )
+        else:
+            checks.fail(
+                DATABASE,
+                info,
+                f"{c.database!r}: {_couch_reason(info)}",
+                _access_fix(info, c.database),
+            )
+    else:
+        db_exists = True
+        checks.ok(
+            DATABASE,
+            f"{c.database!r} exists: {_count(info.get('doc_count'))} documents"
+            + (
+                f", {deleted} deleted"
+                if isinstance(deleted := info.get("doc_del_count"), int)
+                else ""
+            ),
+        )
+
+    # 4. The checkpoint database: missing is fine, a worker creates it.
+    ckinfo = await _attempt(couch.database_info(c.checkpoint_database))
+    if isinstance(ckinfo, CouchError):
+        if is_missing_database(ckinfo):
+            checks.ok(
+                CHECKPOINT_DATABASE,
+                f"{c.checkpoint_database!r} does not exist yet: the first worker creates it "
+                f"(that needs a server admin; otherwise create it: PUT {url}/"
+                f"{_q(c.checkpoint_database)})",
+            )
+        else:
+            checks.fail(
+                CHECKPOINT_DATABASE,
+                ckinfo,
+                f"{c.checkpoint_database!r}: {_couch_reason(ckinfo)}",
+                _access_fix(ckinfo, c.checkpoint_database),
+            )
+    else:
+        checks.ok(
+            CHECKPOINT_DATABASE,
+            f"{c.checkpoint_database!r} exists: {_count(ckinfo.get('doc_count'))} documents",
+        )
+
+    # 5. The server-side filter the worker's feed uses. The selector goes in
+    # the body (where CouchDB reads it) and in the query string (where PouchDB
+    # Server reads it; without it, its process dies). since=now: the filter is
+    # parsed at once, and no history is scanned on a big database.
+    if not db_exists:
+        checks.skip(SELECTOR_FILTER, f"needs the database {c.database!r}")
+        return
+    try:
+        answer = await couch.request(
+            "POST",
+            f"/{_q(c.database)}/_changes",
+            params={
+                "feed": "normal",
+                "since": "now",
+                "limit": "1",
+                "filter": "_selector",
+                "selector": json.dumps(SELECTOR, separators=(",", ":")),
+            },
+            json_body={"selector": SELECTOR},
+        )
+    except CouchError as e:
+        if e.status == 400:
+            fix = (
+                "the server does not accept filter=_selector on _changes; notifier needs "
+                "Apache CouchDB 2.0 or later (or a compatible server)"
+            )
+        else:
+            fix = _access_fix(e, c.database)
+        checks.fail(SELECTOR_FILTER, e, _couch_reason(e), fix)
+        return
+    if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
+        checks.fail(
+            SELECTOR_FILTER,
+            CouchTransientError(f"CouchDB POST /{c.database}/_changes: no results"),
+            "the _changes answer has no results",
+            "check that [couch] url points at CouchDB itself, not at a proxy or another server",
+        )
+        return
+    checks.ok(SELECTOR_FILTER, f"accepted on _changes of {c.database!r}")
+
+
+async def _check_smtp(config: Config, checks: _Checks) -> None:
+    s = config.smtp
+    where = f"{s.host}:{s.port}"
+    pool = SmtpPool(s, size=1)
+    try:
+        try:
+            async with pool.connection() as client:
+                checks.ok(SMTP_CONNECTION, f"{where}: {_smtp_session(config)}")
+                await _check_sender(config, client, checks)
+        except SmtpLoginRefused as e:
+            checks.fail(
+                SMTP_CONNECTION,
+                e,
+                str(e),
+                f"check [smtp] username and its password ({SMTP_PASSWORD_ENV} or "
+                "[smtp] password_file)",
+            )
+            checks.skip(SMTP_SENDER, "no SMTP session")
+        except DeliveryFatalError as e:
+            checks.fail(
+                SMTP_CONNECTION,
+                e,
+                str(e),
+                'check [smtp] security ("tls" for port 465, "starttls" for 587, '
+                '"none" for a local relay) and [smtp] tls_verify',
+            )
+            checks.skip(SMTP_SENDER, "no SMTP session")
+        except DeliveryError as e:
+            checks.fail(
+                SMTP_CONNECTION,
+                e,
+                str(e),
+                "check [smtp] host and port, that the server runs, and that no firewall "
+                "blocks the port",
+            )
+            checks.skip(SMTP_SENDER, "no SMTP session")
+    finally:
+        await pool.aclose()
+
+
+async def _check_sender(config: Config, client: aiosmtplib.SMTP, checks: _Checks) -> None:
+    """MAIL FROM with the configured sender, then RSET: nothing is sent.
+
+    This is where a server that needs a login (and none is configured) or
+    refuses the sender address says so.
+    """
+    s, sender = config.smtp, config.email.sender
+    where = f"{s.host}:{s.port}"
+    try:
+        await client.mail(sender)
+    except aiosmtplib.SMTPResponseException as e:
+        reply = f"{e.code} {e.message}"
+        if e.code in (530, 535) or (e.code == 550 and "auth" in e.message.lower()):
+            error: DeliveryError = SmtpLoginRefused(f"SMTP server {where}: {reply}")
+            if s.username is None:
+                fix = (
+                    "the server requires a login: set [smtp] username, and its password in "
+                    f"{SMTP_PASSWORD_ENV} or [smtp] password_file"
+                )
+            else:
+                fix = f"the server does not accept the login of [smtp] username {s.username!r}"
+        elif e.code >= 500:
+            error = DeliveryFatalError(f"SMTP server {where} refused the sender: {reply}")
+            fix = "use an [email] sender address this server may send from"
+        else:
+            error = TransientDeliveryError(f"SMTP server {where}: {reply}")
+            fix = "a temporary refusal: try again later, or ask the mail administrator"
+        checks.fail(SMTP_SENDER, error, f"MAIL FROM:<{sender}> refused: {reply}", fix)
+        return
+    except (aiosmtplib.SMTPException, OSError) as e:
+        checks.fail(
+            SMTP_SENDER,
+            ChannelUnavailableError(f"SMTP server {where}: {type(e).__name__}: {e}"),
+            f"MAIL FROM:<{sender}>: {type(e).__name__}: {e}",
+            "the server dropped the session; check its logs",
+        )
+        return
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()
+    checks.ok(SMTP_SENDER, f"MAIL FROM:<{sender}> accepted, then reset (nothing sent)")
+
+
+def _smtp_session(config: Config) -> str:
+    s = config.smtp
+    tls = {"tls": "TLS", "starttls": "STARTTLS", "none": "no TLS"}[s.security]
+    if s.security != "none" and not s.tls_verify:
+        tls += " (certificate not verified: [smtp] tls_verify = false)"
+    login = f"logged in as {s.username!r}" if s.username else "no login configured"
+    return f"connected, {tls}, {login}"
+
+
+def _couch_reason(error: CouchError) -> str:
+    """The error without the request line, e.g. ``404 not_found: Database does not exist.``."""
+    text = str(error)
+    if text.startswith("CouchDB ") and ": " in text:
+        return text.split(": ", 1)[1]
+    return text
+
+
+def _unreachable_fix(error: CouchError) -> str:
+    text = str(error).lower()
+    if "ssl" in text or "certificate" in text:
+        return "TLS failed: check [couch] url (https?), ca_file and tls_verify"
+    if error.status is None:
+        return "check [couch] url, that CouchDB runs there, and that no firewall blocks the port"
+    return "CouchDB answered with an error: check its log, and that [couch] url points at CouchDB"
+
+
+def _access_fix(error: CouchError, database: str) -> str:
+    if error.status == 403:
+        return f"give the [couch] user access to {database!r} (its _security members)"
+    if error.status == 401:
+        return f"check [couch] username and its password ({COUCH_PASSWORD_ENV})"
+    if isinstance(error, CouchTransientError):
+        return "CouchDB is failing or overloaded: check its log and try again"
+    return "see CouchDB's answer above"
+
+
+def _server_name(welcome: Any) -> str:
+    """What answered GET /, e.g. ``CouchDB 3.3.3`` or ``PouchDB Server 4.2.0``."""
+    if not isinstance(welcome, dict):
+        return "an unexpected answer (not a JSON object)"
+    vendor = welcome.get("vendor")
+    name = vendor.get("name") if isinstance(vendor, dict) else None
+    version = welcome.get("version")
+    if "couchdb" in welcome:
+        kind = "CouchDB"
+    elif "express-pouchdb" in welcome:
+        kind = "PouchDB Server"
+    else:
+        kind = "a CouchDB-compatible server"
+    text = f"{kind} {version}" if isinstance(version, str) else kind
+    if name and name not in ("The Apache Software Foundation", "PouchDB authors"):
+        text += f" ({name})"
+    return text
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) else "?"
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
+
+
+# -- status ----------------------------------------------------------------------------
+
+WorkerState = Literal["running", "stopped", "lease expired", "holder gone"]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A worker slot's lease document, as read at ``now``."""
+
+    host: str | None
+    pid: int | None
+    expires_at: float | None
+    renewed_at: str | None
+    #: Seconds until expiry at the time of the report; negative once expired.
+    expires_in: float | None
+    #: The holder is on this host and its pid no longer exists (a crash).
+    holder_gone: bool
+
+    @property
+    def live(self) -> bool:
+        return self.expires_in is not None and self.expires_in > 0 and not self.holder_gone
+
+    def describe(self) -> str:
+        who = f"{self.host or '?'} pid {self.pid if self.pid is not None else '?'}"
+        if self.expires_in is None:
+            return f"{who}, no expiry (malformed lease)"
+        if self.expires_in <= 0:
+            return f"expired {_duration(-self.expires_in)} ago ({who})"
+        if self.holder_gone:
+            return f"{who} is gone (lease would expire in {_duration(self.expires_in)})"
+        return f"{who}, expires in {_duration(self.expires_in)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "expires_at": self.expires_at,
+            "expires_in": _round(self.expires_in),
+            "renewed_at": self.renewed_at,
+            "live": self.live,
+            "holder_gone": self.holder_gone,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One worker slot of one layout: its checkpoint, its lease, how far behind it is.
+
+    ``pending_estimate`` is CouchDB's count of changes after the checkpoint
+    (any document, any shard), ``None`` where the server does not report it;
+    ``behind`` says whether there is at least one change after it, which every
+    server tells. ``stale`` is true when there are changes after the
+    checkpoint and the checkpoint is older than ``stale_after``.
+    """
+
+    worker_id: int
+    worker_count: int
+    checkpoint_id: str
+    has_checkpoint: bool
+    since: Seq | None
+    updated_at: str | None
+    age: float | None
+    checkpoint_host: str | None
+    checkpoint_pid: int | None
+    behind: bool | None
+    pending_estimate: int | None
+    pending_note: str | None
+    lease: LeaseInfo | None
+    stale: bool
+
+    @property
+    def state(self) -> WorkerState:
+        if self.lease is None:
+            return "stopped"
+        if self.lease.holder_gone:
+            return "holder gone"
+        return "running" if self.lease.live else "lease expired"
+
+    @property
+    def pending_text(self) -> str:
+        if not self.has_checkpoint:
+            return "-"
+        if self.pending_estimate is not None:
+            return "0" if self.pending_estimate == 0 else f"~{self.pending_estimate}"
+        if self.behind is True:
+            return "unknown (>=1)"
+        return "unknown"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "worker_count": self.worker_count,
+            "checkpoint_id": self.checkpoint_id,
+            "has_checkpoint": self.has_checkpoint,
+            "since": self.since,
+            "updated_at": self.updated_at,
+            "age_seconds": _round(self.age),
+            "checkpoint_host": self.checkpoint_host,
+            "checkpoint_pid": self.checkpoint_pid,
+            "behind": self.behind,
+            "pending_estimate": self.pending_estimate,
+            "pending_note": self.pending_note,
+            "lease": None if self.lease is None else self.lease.to_json(),
+            "state": self.state,
+            "stale": self.stale,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutStatus:
+    """Every worker slot seen for one worker count."""
+
+    worker_count: int
+    workers: tuple[WorkerStatus, ...]
+    #: Worker ids of this layout with neither a checkpoint nor a lease.
+    missing_workers: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "worker_count": self.worker_count,
+            "workers": [w.to_json() for w in self.workers],
+            "missing_workers": list(self.missing_workers),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What :func:`gather_status` found; :meth:`render` for people, :meth:`to_json` for tools."""
+
+    couch_url: str
+    database: str
+    checkpoint_database: str
+    checkpoint_database_exists: bool
+    generated_at: float
+    stale_after: float
+    layouts: tuple[LayoutStatus, ...]
+
+    @property
+    def workers(self) -> list[WorkerStatus]:
+        return [w for layout in self.layouts for w in layout.workers]
+
+    @property
+    def stale_workers(self) -> list[WorkerStatus]:
+        return [w for w in self.workers if w.stale]
+
+    @property
+    def any_stale(self) -> bool:
+        return bool(self.stale_workers)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values with stable keys (``since`` exactly as stored)."""
+        return {
+            "couch_url": self.couch_url,
+            "database": self.database,
+            "checkpoint_database": self.checkpoint_database,
+            "checkpoint_database_exists": self.checkpoint_database_exists,
+            "generated_at": _iso(self.generated_at),
+            "stale_after_seconds": self.stale_after,
+            "layouts": [layout.to_json() for layout in self.layouts],
+            "stale_workers": [w.checkpoint_id for w in self.stale_workers],
+        }
+
+    def render(self) -> str:
+        lines = [
+            f"notifier status: database {self.database!r} on {self.couch_url}, "
+            f"checkpoints in {self.checkpoint_database!r}, at {_iso(self.generated_at)}"
+        ]
+        if not self.checkpoint_database_exists:
+            lines.append(
+                f"The checkpoint database {self.checkpoint_database!r} does not exist: no "
+                "worker has run yet (the first worker creates it). If workers are running, "
+                "check that they use the same [couch] url and checkpoint_database."
+            )
+            return "\n".join(lines) + "\n"
+        if not self.layouts:
+            lines.append(
+                f"No checkpoint or lease of database {self.database!r} in "
+                f"{self.checkpoint_database!r}: no worker has checkpointed yet."
+            )
+            return "\n".join(lines) + "\n"
+        header = ("WORKER", "SINCE", "CHECKPOINTED", "AGE", "PENDING (est.)", "STALE", "LEASE")
+        shortened = False
+        tables: list[list[tuple[str, ...]]] = []
+        for layout in self.layouts:
+            rows: list[tuple[str, ...]] = []
+            for w in layout.workers:
+                since, cut = _short_seq(w.since) if w.has_checkpoint else ("(none)", False)
+                shortened = shortened or cut
+                rows.append(
+                    (
+                        f"{w.worker_id} of {w.worker_count}",
+                        since,
+                        w.updated_at or "-",
+                        "-" if w.age is None else _duration(w.age),
+                        w.pending_text,
+                        "STALE" if w.stale else "no",
+                        "none" if w.lease is None else w.lease.describe(),
+                    )
+                )
+            tables.append(rows)
+        # One set of column widths for every layout, so the tables line up.
+        widths = _widths([header, *(row for rows in tables for row in rows)])
+        for layout, rows in zip(self.layouts, tables, strict=True):
+            count = layout.worker_count
+            lines.append("")
+            lines.append(
+                f"layout: {count} worker{'s' if count != 1 else ''} "
+                f"({self.database}.worker-N-of-{count})"
+            )
+            lines.extend("  " + _row(row, widths) for row in [header, *rows])
+            if layout.missing_workers:
+                ids = ", ".join(str(i) for i in layout.missing_workers)
+                lines.append(
+                    f"  no checkpoint and no lease for worker {ids} of {count}: "
+                    "never started in this layout?"
+                )
+        stale = self.stale_workers
+        lines.append("")
+        if stale:
+            lines.append(f"{len(stale)} stale: " + ", ".join(w.checkpoint_id for w in stale))
+        else:
+            lines.append("no stale worker")
+        lines.append(
+            "PENDING is an estimate: CouchDB's count of changes to any document after the "
+            'checkpoint (all shards, including settled documents); "unknown" where the '
+            "server does not report it (PouchDB Server)."
+        )
+        lines.append(
+            f"STALE: there are changes after the checkpoint and it is older than "
+            f"{_duration(self.stale_after)}."
+            + (" SINCE is shortened; --json shows it in full." if shortened else "")
+        )
+        return "\n".join(lines) + "\n"
+
+
+async def gather_status(
+    config: Config,
+    *,
+    now: float | None = None,
+    stale_after: float = 300.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> StatusReport:
+    """Read every worker's checkpoint and lease for ``[couch] database``, of every layout.
+
+    ``now`` (epoch seconds, default: the clock) is the time ages and lease
+    expiries are measured against. Raises :class:`~notifier.errors.CouchError`
+    when CouchDB cannot be read; a missing checkpoint database is a report,
+    not an error.
+    """
+    c = config.couch
+    at = time.time() if now is None else now
+    async with CouchClient.from_config(c, transport=transport) as couch:
+        prefix = f"{c.database}.worker-"
+        slot_id = re.compile(re.escape(prefix) + r"(0|[1-9][0-9]*)-of-([1-9][0-9]*)(\.lease)?")
+        try:
+            listing = await couch.request(
+                "GET",
+                f"/{_q(c.checkpoint_database)}/_all_docs",
+                params={
+                    "include_docs": "true",
+                    "startkey": json.dumps(prefix),
+                    "endkey": json.dumps(prefix + "\ufff0"),
+                },
+            )
+        except CouchFatalError as e:
+            if not is_missing_database(e):
+                raise
+            return StatusReport(
+                couch_url=couch.url,
+                database=c.database,
+                checkpoint_database=c.checkpoint_database,
+                checkpoint_database_exists=False,
+                generated_at=at,
+                stale_after=stale_after,
+                layouts=(),
+            )
+        checkpoints: dict[tuple[int, int], Mapping[str, Any]] = {}
+        leases: dict[tuple[int, int], Mapping[str, Any]] = {}
+        for row in listing.get("rows", []) if isinstance(listing, dict) else []:
+            doc = row.get("doc") if isinstance(row, dict) else None
+            doc_id = row.get("id") if isinstance(row, dict) else None
+            if not isinstance(doc, dict) or not isinstance(doc_id, str):
+                continue
+            match = slot_id.fullmatch(doc_id)
+            if match is None:
+                continue
+            slot = (int(match[2]), int(match[1]))  # (count, id)
+            if slot[1] >= slot[0]:
+                continue  # not a slot any worker can have
+            (leases if match[3] else checkpoints)[slot] = doc
+
+        # One _changes request per distinct checkpoint.
+        sinces: dict[str, Seq] = {}
+        for doc in checkpoints.values():
+            if "since" in doc:
+                sinces.setdefault(_key(doc["since"]), doc["since"])
+        limit = asyncio.Semaphore(8)
+
+        async def probe(since: Seq) -> tuple[bool | None, int | None, str | None]:
+            async with limit:
+                return await _pending(couch, c.database, since)
+
+        results = await asyncio.gather(*(probe(s) for s in sinces.values()))
+        pending = dict(zip(sinces, results, strict=True))
+
+    here = socket.gethostname()
+    workers: dict[int, list[WorkerStatus]] = {}
+    for slot in sorted(set(checkpoints) | set(leases)):
+        count, worker_id = slot
+        doc = checkpoints.get(slot)
+        lease_doc = leases.get(slot)
+        has_checkpoint = doc is not None and "since" in doc
+        since = doc["since"] if doc is not None and has_checkpoint else None
+        updated_at = _str(doc.get("updated_at")) if doc is not None else None
+        age = _age(updated_at, at)
+        behind, estimate, note = (
+            pending[_key(since)] if has_checkpoint else (None, None, "no checkpoint yet")
+        )
+        if doc is not None and not has_checkpoint:
+            note = "the checkpoint document has no 'since' field"
+        stale = bool(behind) and (age is None or age > stale_after)
+        workers.setdefault(count, []).append(
+            WorkerStatus(
+                worker_id=worker_id,
+                worker_count=count,
+                checkpoint_id=f"{prefix}{worker_id}-of-{count}",
+                has_checkpoint=has_checkpoint,
+                since=since,
+                updated_at=updated_at,
+                age=age,
+                checkpoint_host=_str(doc.get("host")) if doc is not None else None,
+                checkpoint_pid=_int(doc.get("pid")) if doc is not None else None,
+                behind=behind,
+                pending_estimate=estimate,
+                pending_note=note,
+                lease=None if lease_doc is None else _lease(lease_doc, at, here),
+                stale=stale,
+            )
+        )
+    layouts = tuple(
+        LayoutStatus(
+            worker_count=count,
+            workers=tuple(found),
+            missing_workers=tuple(sorted(set(range(count)) - {w.worker_id for w in found})),
+        )
+        for count, found in sorted(workers.items())
+    )
+    return StatusReport(
+        couch_url=couch.url,
+        database=c.database,
+        checkpoint_database=c.checkpoint_database,
+        checkpoint_database_exists=True,
+        generated_at=at,
+        stale_after=stale_after,
+        layouts=layouts,
+    )
+
+
+async def _pending(
+    couch: CouchClient, database: str, since: Seq
+) -> tuple[bool | None, int | None, str | None]:
+    """(behind, pending estimate, note) for a checkpoint at ``since``.
+
+    One unfiltered ``_changes?since=…&limit=1``: the rows it returns are
+    changes after ``since``, and CouchDB 2+ adds ``pending``, the number of
+    changes after its ``last_seq``. (``limit=1`` rather than ``0``: CouchDB
+    answers ``limit=0`` with one row anyway.)
+    """
+    try:
+        answer = await couch.request(
+            "GET",
+            f"/{_q(database)}/_changes",
+            params={"since": seq_param(since), "limit": "1"},
+        )
+    except CouchError as e:
+        return None, None, f"not estimated: {_couch_reason(e)}"
+    rows = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(rows, list):
+        return None, None, "not estimated: the _changes answer has no results"
+    behind = bool(rows)
+    remaining = answer.get("pending")
+    if isinstance(remaining, int) and not isinstance(remaining, bool):
+        return behind, len(rows) + remaining, None
+    if not behind:
+        return False, 0, None
+    return True, None, "the server does not report pending changes"
+
+
+def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
+    expires_at = doc.get("expires_at")
+    expires = (
+        float(expires_at)
+        if isinstance(expires_at, int | float) and not isinstance(expires_at, bool)
+        else None
+    )
+    host, pid = _str(doc.get("host")), _int(doc.get("pid"))
+    expires_in = None if expires is None else expires - now
+    gone = (
+        expires_in is not None
+        and expires_in > 0
+        and host == here
+        and pid is not None
+        and not pid_alive(pid)
+    )
+    return LeaseInfo(
+        host=host,
+        pid=pid,
+        expires_at=expires,
+        renewed_at=_str(doc.get("renewed_at")),
+        expires_in=expires_in,
+        holder_gone=gone,
+    )
+
+
+def _key(seq: Seq) -> str:
+    return json.dumps(seq, sort_keys=True)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _age(updated_at: str | None, now: float) -> float | None:
+    if updated_at is None:
+        return None
+    try:
+        when = datetime.fromisoformat(updated_at)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return now - when.timestamp()
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _duration(seconds: float) -> str:
+    """
+    >>> _duration(42.4), _duration(303), _duration(7500), _duration(273600), _duration(-3)
+    ('42s', '5m03s', '2h05m', '3d04h', '-3s')
+    """
+    if seconds < 0:
+        return "-" + _duration(-seconds)
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+_SEQ_WIDTH = 24
+
+
+def _short_seq(seq: Seq | None) -> tuple[str, bool]:
+    text = seq_param(seq)
+    if len(text) <= _SEQ_WIDTH:
+        return text, False
+    return text[: _SEQ_WIDTH - 1] + "…", True
+
+
+def _widths(rows: Sequence[Sequence[str]]) -> list[int]:
+    return [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+
+def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()

@@ -1,0 +1,620 @@
+"""``notifier check`` and ``notifier status`` (notifier.ops) against PouchDB Server and the fake.
+
+Each test runs against a real PouchDB Server (the ``couch`` fixture) and/or
+the fake CouchDB (in process through its httpx transport, or on a loopback
+socket), with a real SMTP server (``SmtpSink``) on loopback.
+
+PouchDB Server does not report ``pending`` on ``_changes``; the fake does, as
+CouchDB 2+ does. So the pending estimate is a number on the fake and
+"unknown" on PouchDB Server, and the tests say which they expect where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from realservers import free_port, unique_db_name
+from scenario import message
+
+from notifier import config as config_module
+from notifier.checkpoint import CheckpointStore
+from notifier.config import Config
+from notifier.couch import CouchClient
+from notifier.errors import CouchError, DeliveryError, SmtpLoginRefused
+from notifier.lease import Holder, Lease
+from notifier.ops import (
+    CheckReport,
+    StatusReport,
+    WorkerStatus,
+    gather_status,
+    run_checks,
+)
+from notifier.shard import Shard
+from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
+from notifier.testing.server import FakeCouchServer
+from notifier.testing.smtp import SmtpSink
+from notifier.testing.worker import run_until
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+CHECKS = [
+    "configuration",
+    "CouchDB server",
+    "CouchDB credentials",
+    "messages database",
+    "checkpoint database",
+    "_selector filter",
+    "SMTP connection",
+    "SMTP sender",
+]
+COUCH_AFTER_SERVER = CHECKS[2:6]
+
+
+@dataclass
+class Backend:
+    """A CouchDB to test against: where it is, how to reach it, what it reports."""
+
+    kind: str
+    url: str
+    database: str
+    transport_of: FakeCouch | None = None
+    #: Whether _changes answers carry CouchDB 2+'s `pending` field.
+    reports_pending: bool = False
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport | None:
+        return None if self.transport_of is None else self.transport_of.transport()
+
+    def client(self) -> CouchClient:
+        return CouchClient(url=self.url, transport=self.transport)
+
+    def config(
+        self,
+        sink: SmtpSink,
+        *,
+        environ: dict[str, str] | None = None,
+        **sections: dict[str, Any],
+    ) -> Config:
+        data: dict[str, dict[str, Any]] = {
+            "couch": {
+                "url": self.url,
+                "database": self.database,
+                "checkpoint_database": unique_db_name("checkpoints"),
+                "request_timeout": 5.0,
+            },
+            "smtp": {"host": sink.host, "port": sink.port, "timeout": 5.0},
+            "email": {"sender": "notify@example.com"},
+            "worker": {"checkpoint_interval": 0.2, "drain_timeout": 5.0},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        return config_module.from_mapping(data, source="<test>", environ=environ or {})
+
+
+@contextmanager
+def backend_for(kind: str, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    if kind == "pouchdb":
+        couch = request.getfixturevalue("couch")
+        yield Backend(kind, couch.url, couch.name)
+    elif kind == "fake":
+        fake = FakeCouch(databases=["messages"])
+        yield Backend(kind, IN_PROCESS_URL, "messages", fake, reports_pending=True)
+    else:
+        fake = FakeCouch(databases=["messages"])
+        with FakeCouchServer(fake) as server:
+            yield Backend(kind, server.url, "messages", reports_pending=True)
+
+
+@pytest.fixture(params=["pouchdb", "fake", "fake-socket"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    with backend_for(request.param, request) as b:
+        yield b
+
+
+@pytest.fixture(params=["pouchdb", "fake"])
+def store(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """A backend for status tests: PouchDB Server and the in-process fake."""
+    with backend_for(request.param, request) as b:
+        yield b
+
+
+def by_name(report: CheckReport) -> dict[str, Any]:
+    return {r.name: r for r in report.results}
+
+
+def assert_marks(report: CheckReport, expected: dict[str, str]) -> None:
+    marks = {r.name: r.mark for r in report.results}
+    assert [r.name for r in report.results] == CHECKS, report.render()
+    assert marks == {name: expected.get(name, "ok") for name in CHECKS}, report.render()
+
+
+# -- check --------------------------------------------------------------------------
+
+
+async def test_check_passes_on_a_good_setup_and_sends_nothing(
+    backend: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = backend.config(smtp_sink)
+    report = await run_checks(config, transport=backend.transport)
+
+    assert report.ok and report.first_error is None, report.render()
+    assert_marks(report, {})
+    text = report.render()
+    assert text.endswith("all 8 checks passed\n")
+    assert f"{backend.database!r} exists: 0 documents" in text
+    # Not created by check: a worker creates it.
+    assert "does not exist yet: the first worker creates it" in text
+    assert smtp_sink.messages == [] and smtp_sink.refused == []
+    if backend.transport_of is not None:
+        # Selector in the query string too (PouchDB Server reads it there and
+        # dies without it); the fake, like CouchDB, only takes it from the
+        # body, so the check's success shows that the body had it as well.
+        (feed,) = [r for r in backend.transport_of.requests if r.path.endswith("/_changes")]
+        assert "filter=_selector" in feed.query and "selector=" in feed.query.replace(
+            "filter=_selector", ""
+        )
+        assert feed.status == 200
+
+
+async def test_check_reports_an_existing_checkpoint_database(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    async with store.client() as couch:
+        await couch.create_database(config.couch.checkpoint_database)
+        await couch.put_doc(store.database, message(1))
+    report = await run_checks(config, transport=store.transport)
+    results = by_name(report)
+    assert report.ok, report.render()
+    assert results["checkpoint database"].detail.endswith("exists: 0 documents")
+    assert "exists: 1 documents" in results["messages database"].detail
+
+
+@pytest.mark.parametrize("username", ["admin", None])
+async def test_check_names_refused_couch_credentials_and_still_checks_smtp(
+    smtp_sink: SmtpSink, username: str | None
+) -> None:
+    fake = FakeCouch(databases=["messages"], users={"admin": "the-right-one"})
+    backend = Backend("fake", IN_PROCESS_URL, "messages", fake)
+    environ = {"NOTIFIER_COUCH_PASSWORD": "s3cret-but-wrong"} if username else {}
+    couch_section: dict[str, Any] = {"username": username} if username else {}
+    config = backend.config(smtp_sink, environ=environ, couch=couch_section)
+
+    report = await run_checks(config, transport=backend.transport)
+
+    assert not report.ok
+    assert_marks(
+        report, {"CouchDB credentials": "FAIL", **dict.fromkeys(COUCH_AFTER_SERVER[1:], "skip")}
+    )
+    failed = by_name(report)["CouchDB credentials"]
+    assert "401" in failed.detail
+    if username:
+        assert "refused the login of user 'admin'" in failed.detail
+    else:
+        assert "[couch] username is not set" in failed.detail
+    assert "[couch] username" in failed.fix and "NOTIFIER_COUCH_PASSWORD" in failed.fix
+    assert isinstance(report.first_error, CouchError)
+    assert isinstance(report.first_error, PermissionError)
+    text = report.render()
+    assert "fix: " in text and "1 of 8 checks failed" in text
+    assert "s3cret-but-wrong" not in text and "the-right-one" not in text
+
+
+async def test_check_passes_with_the_right_couch_password(smtp_sink: SmtpSink) -> None:
+    fake = FakeCouch(databases=["messages"], users={"admin": "the-right-one"})
+    with FakeCouchServer(fake) as server:
+        backend = Backend("fake-socket", server.url, "messages")
+        config = backend.config(
+            smtp_sink,
+            environ={"NOTIFIER_COUCH_PASSWORD": "the-right-one"},
+            couch={"username": "admin"},
+        )
+        report = await run_checks(config)
+    assert report.ok, report.render()
+    assert by_name(report)["CouchDB credentials"].detail == "accepted for user 'admin'"
+    assert "the-right-one" not in report.render()
+
+
+async def test_check_names_a_missing_database(store: Backend, smtp_sink: SmtpSink) -> None:
+    config = store.config(smtp_sink, couch={"database": "no_such_db_here"})
+    report = await run_checks(config, transport=store.transport)
+
+    assert_marks(report, {"messages database": "FAIL", "_selector filter": "skip"})
+    failed = by_name(report)["messages database"]
+    assert failed.detail == f"'no_such_db_here' does not exist on {store.url}"
+    assert "[couch] database" in failed.fix and "PUT" in failed.fix
+    assert isinstance(report.first_error, CouchError)
+    assert not isinstance(report.first_error, PermissionError)
+
+
+async def test_check_names_an_unreachable_couchdb_and_still_checks_smtp(
+    smtp_sink: SmtpSink,
+) -> None:
+    port = free_port()  # nothing listens there
+    backend = Backend("nothing", f"http://127.0.0.1:{port}", "messages")
+    report = await run_checks(backend.config(smtp_sink))
+
+    assert_marks(report, {"CouchDB server": "FAIL", **dict.fromkeys(COUCH_AFTER_SERVER, "skip")})
+    failed = by_name(report)["CouchDB server"]
+    assert failed.detail.startswith(f"http://127.0.0.1:{port}: ")
+    assert "ConnectError" in failed.detail
+    assert "[couch] url" in failed.fix
+    assert isinstance(report.first_error, CouchError)
+
+
+async def test_check_names_an_unreachable_smtp_server(store: Backend, smtp_sink: SmtpSink) -> None:
+    port = free_port()
+    config = store.config(smtp_sink, smtp={"port": port})
+    report = await run_checks(config, transport=store.transport)
+
+    assert_marks(report, {"SMTP connection": "FAIL", "SMTP sender": "skip"})
+    failed = by_name(report)["SMTP connection"]
+    assert f"127.0.0.1:{port}" in failed.detail
+    assert "[smtp] host and port" in failed.fix
+    assert isinstance(report.first_error, DeliveryError)
+    assert not isinstance(report.first_error, PermissionError)
+
+
+@pytest.mark.parametrize("password", ["right-pw", "wrong-pw"])
+async def test_check_logs_in_to_smtp_or_names_the_refused_login(password: str) -> None:
+    fake = FakeCouch(databases=["messages"])
+    backend = Backend("fake", IN_PROCESS_URL, "messages", fake)
+    with SmtpSink(username="mailer", password="right-pw") as sink:
+        config = backend.config(
+            sink, environ={"NOTIFIER_SMTP_PASSWORD": password}, smtp={"username": "mailer"}
+        )
+        report = await run_checks(config, transport=backend.transport)
+
+    if password == "right-pw":
+        assert report.ok, report.render()
+        assert "logged in as 'mailer'" in by_name(report)["SMTP connection"].detail
+        return
+    assert_marks(report, {"SMTP connection": "FAIL", "SMTP sender": "skip"})
+    failed = by_name(report)["SMTP connection"]
+    assert "refused the login for [smtp] username 'mailer'" in failed.detail
+    assert "535" in failed.detail
+    assert "NOTIFIER_SMTP_PASSWORD" in failed.fix
+    assert isinstance(report.first_error, SmtpLoginRefused)
+    assert "wrong-pw" not in report.render() and "right-pw" not in report.render()
+
+
+async def test_check_finds_an_smtp_server_that_needs_a_login_nobody_configured() -> None:
+    fake = FakeCouch(databases=["messages"])
+    backend = Backend("fake", IN_PROCESS_URL, "messages", fake)
+    with SmtpSink(username="mailer", password="pw") as sink:
+        report = await run_checks(backend.config(sink), transport=backend.transport)
+        assert sink.messages == []
+
+    assert_marks(report, {"SMTP sender": "FAIL"})
+    failed = by_name(report)["SMTP sender"]
+    assert "530" in failed.detail
+    assert "requires a login: set [smtp] username" in failed.fix
+    assert isinstance(report.first_error, PermissionError)
+
+
+# -- status -------------------------------------------------------------------------
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
+def find(report: StatusReport, worker_id: int, count: int) -> WorkerStatus:
+    (found,) = [w for w in report.workers if (w.worker_id, w.worker_count) == (worker_id, count)]
+    return found
+
+
+def assert_aligned(text: str) -> None:
+    """Every row of every table starts each column where its header does."""
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.lstrip().startswith("WORKER ")]
+    assert headers
+    for h in headers:
+        header = lines[h]
+        starts = [header.index(name) for name in ("SINCE", "CHECKPOINTED", "AGE", "PENDING")]
+        starts += [header.index("STALE"), header.index("LEASE")]
+        rows = []
+        for line in lines[h + 1 :]:
+            if not line.startswith("  ") or line.startswith("  no checkpoint"):
+                break
+            rows.append(line)
+        assert rows
+        for row in rows:
+            for start in starts:
+                assert row[start - 1] == " " and row[start] != " ", (row, start, text)
+
+
+@asynccontextmanager
+async def seeded(backend: Backend, count: int) -> AsyncIterator[tuple[CouchClient, list[Any]]]:
+    """A client, after writing `count` messages; yields it and their seqs, in feed order."""
+    async with backend.client() as couch:
+        for n in range(count):
+            await couch.put_doc(backend.database, message(n))
+        feed = await couch.request("GET", f"/{backend.database}/_changes")
+        yield couch, [row["seq"] for row in feed["results"]]
+
+
+async def test_status_shows_every_layout_its_leases_and_stale_workers(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    ckdb, db = config.couch.checkpoint_database, store.database
+    now = time.time()
+    async with seeded(store, 6) as (couch, seqs):
+        assert len(seqs) == 6
+        # Layout of 1: caught up, written by the worker's own checkpoint store,
+        # with a live lease (as a running worker holds it).
+        one = Shard(worker_id=0, worker_count=1)
+        checkpoints = CheckpointStore(couch, database=ckdb, source_database=db, shard=one)
+        await checkpoints.load()  # creates the checkpoint database, as a worker does
+        await checkpoints.save(seqs[-1])
+        live = Lease(
+            couch,
+            database=ckdb,
+            source_database=db,
+            shard=one,
+            ttl=60.0,
+            holder=Holder(run_id="r1", host="host-a", pid=4242),
+        )
+        assert await live.acquire(asyncio.Event())
+        # Layout of 2: worker 0 four changes behind, last checkpoint an hour
+        # ago, no lease (stale); worker 1 caught up, cleanly stopped.
+        await couch.put_doc(
+            ckdb,
+            {
+                "_id": f"{db}.worker-0-of-2",
+                "since": seqs[1],
+                "database": db,
+                "worker_id": 0,
+                "worker_count": 2,
+                "updated_at": iso(now - 3600),
+                "host": "host-b",
+                "pid": 77,
+            },
+        )
+        two = CheckpointStore(
+            couch, database=ckdb, source_database=db, shard=Shard(worker_id=1, worker_count=2)
+        )
+        await two.save(seqs[-1])
+        # Layout of 3: only worker 2, behind but checkpointed just now, whose
+        # lease expired 30 s ago (its holder stopped renewing).
+        three = Shard(worker_id=2, worker_count=3)
+        await CheckpointStore(couch, database=ckdb, source_database=db, shard=three).save(seqs[2])
+        expired = Lease(
+            couch,
+            database=ckdb,
+            source_database=db,
+            shard=three,
+            ttl=30.0,
+            holder=Holder(run_id="r3", host="host-c", pid=99),
+            clock=lambda: now - 60,
+        )
+        assert await expired.acquire(asyncio.Event())
+        # Not a worker slot of this database: ignored.
+        await couch.put_doc(ckdb, {"_id": f"{db}.worker-notes", "since": 1})
+        await couch.put_doc(ckdb, {"_id": f"{db}x.worker-0-of-1", "since": 1})
+
+    report = await gather_status(config, now=now, transport=store.transport)
+
+    assert report.checkpoint_database_exists
+    assert [layout.worker_count for layout in report.layouts] == [1, 2, 3]
+    assert [len(layout.workers) for layout in report.layouts] == [1, 2, 1]
+    assert [layout.missing_workers for layout in report.layouts] == [(), (), (0, 1)]
+
+    caught_up = find(report, 0, 1)
+    assert caught_up.since == seqs[-1]
+    assert caught_up.behind is False and caught_up.pending_estimate == 0
+    assert caught_up.lease is not None and caught_up.lease.live
+    assert (caught_up.lease.host, caught_up.lease.pid) == ("host-a", 4242)
+    assert 55 < (caught_up.lease.expires_in or 0) <= 70
+    assert caught_up.state == "running" and not caught_up.stale
+    assert caught_up.age is not None and abs(caught_up.age) < 10
+
+    lagging = find(report, 0, 2)
+    assert lagging.since == seqs[1] and lagging.updated_at == iso(now - 3600)
+    assert lagging.age == pytest.approx(3600, abs=1)
+    assert lagging.behind is True
+    if store.reports_pending:
+        assert lagging.pending_estimate == 4
+        assert lagging.pending_text == "~4"
+    else:
+        # PouchDB Server has no `pending`: only "at least one" is known.
+        assert lagging.pending_estimate is None
+        assert lagging.pending_text == "unknown (>=1)"
+    assert lagging.lease is None and lagging.state == "stopped"
+    assert lagging.stale
+
+    stopped = find(report, 1, 2)
+    assert stopped.behind is False and stopped.state == "stopped" and not stopped.stale
+
+    fresh = find(report, 2, 3)
+    assert fresh.behind is True and not fresh.stale  # behind, but it just checkpointed
+    assert fresh.pending_estimate == (3 if store.reports_pending else None)
+    assert fresh.lease is not None and not fresh.lease.live
+    assert fresh.state == "lease expired"
+    assert fresh.lease.expires_in == pytest.approx(-30, abs=1)
+
+    assert [w.checkpoint_id for w in report.stale_workers] == [f"{db}.worker-0-of-2"]
+
+    text = report.render()
+    assert_aligned(text)
+    for title in ("layout: 1 worker (", "layout: 2 workers (", "layout: 3 workers ("):
+        assert title in text
+    assert "host-a pid 4242, expires in" in text
+    assert "expired 30s ago (host-c pid 99)" in text
+    assert "no checkpoint and no lease for worker 0, 1 of 3" in text
+    assert f"1 stale: {db}.worker-0-of-2" in text
+    assert "PENDING is an estimate" in text
+    assert ("~4" in text) == store.reports_pending
+    assert ("unknown (>=1)" in text) != store.reports_pending
+    assert "worker-notes" not in text and f"{db}x" not in text
+
+    # An hour later, with nothing written since: every worker with changes
+    # after its checkpoint is stale, the caught-up ones are not.
+    later = await gather_status(config, now=now + 3600, transport=store.transport)
+    assert {w.checkpoint_id for w in later.stale_workers} == {
+        f"{db}.worker-0-of-2",
+        f"{db}.worker-2-of-3",
+    }
+    assert find(later, 0, 1).state == "lease expired" and not find(later, 0, 1).stale
+
+
+async def test_status_json_keeps_opaque_seqs_and_round_trips(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    ckdb, db = config.couch.checkpoint_database, store.database
+    async with seeded(store, 3) as (couch, seqs):
+        for count in (1, 2):
+            shard = Shard(worker_id=0, worker_count=count)
+            checkpoints = CheckpointStore(couch, database=ckdb, source_database=db, shard=shard)
+            await checkpoints.load()
+            await checkpoints.save(seqs[count - 1])
+
+    data = (await gather_status(config, transport=store.transport)).to_json()
+
+    assert json.loads(json.dumps(data)) == data
+    assert list(data) == [
+        "couch_url",
+        "database",
+        "checkpoint_database",
+        "checkpoint_database_exists",
+        "generated_at",
+        "stale_after_seconds",
+        "layouts",
+        "stale_workers",
+    ]
+    assert [layout["worker_count"] for layout in data["layouts"]] == [1, 2]
+    worker = data["layouts"][0]["workers"][0]
+    assert list(worker) == [
+        "worker_id",
+        "worker_count",
+        "checkpoint_id",
+        "has_checkpoint",
+        "since",
+        "updated_at",
+        "age_seconds",
+        "checkpoint_host",
+        "checkpoint_pid",
+        "behind",
+        "pending_estimate",
+        "pending_note",
+        "lease",
+        "state",
+        "stale",
+    ]
+    # Exactly as CouchDB gave it: an opaque string on the fake, an int on PouchDB.
+    assert [layout["workers"][0]["since"] for layout in data["layouts"]] == seqs[:2]
+    assert type(worker["since"]) is type(seqs[0])
+    assert worker["checkpoint_host"] == socket.gethostname()
+    assert worker["pending_estimate"] == (2 if store.reports_pending else None)
+    assert worker["pending_note"] == (
+        None if store.reports_pending else "the server does not report pending changes"
+    )
+    assert data["layouts"][1]["workers"][0]["pending_estimate"] == (
+        1 if store.reports_pending else None
+    )
+    assert data["stale_workers"] == []
+
+
+async def test_status_of_a_missing_checkpoint_database_is_a_message(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    report = await gather_status(config, transport=store.transport)
+    assert not report.checkpoint_database_exists and report.layouts == ()
+    text = report.render()
+    assert f"The checkpoint database {config.couch.checkpoint_database!r} does not exist" in text
+    assert "no worker has run yet" in text
+    assert report.to_json()["checkpoint_database_exists"] is False
+
+
+async def test_status_with_no_checkpoint_yet(store: Backend, smtp_sink: SmtpSink) -> None:
+    config = store.config(smtp_sink)
+    async with store.client() as couch:
+        await couch.create_database(config.couch.checkpoint_database)
+    report = await gather_status(config, transport=store.transport)
+    assert report.checkpoint_database_exists and report.layouts == ()
+    assert "no worker has checkpointed yet" in report.render()
+
+
+async def test_status_sees_a_crashed_holder_on_this_host(smtp_sink: SmtpSink) -> None:
+    fake = FakeCouch(databases=["messages"])
+    backend = Backend("fake", IN_PROCESS_URL, "messages", fake)
+    config = backend.config(smtp_sink)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead_pid = int(done.stdout)
+    async with backend.client() as couch:
+        lease = Lease(
+            couch,
+            database=config.couch.checkpoint_database,
+            source_database="messages",
+            shard=Shard(worker_id=0, worker_count=1),
+            holder=Holder(run_id="gone", host=socket.gethostname(), pid=dead_pid),
+        )
+        assert await lease.acquire(asyncio.Event())
+    report = await gather_status(config, transport=backend.transport)
+    (worker,) = report.workers
+    assert not worker.has_checkpoint and worker.pending_text == "-"
+    assert worker.state == "holder gone" and worker.lease is not None
+    assert not worker.lease.live
+    assert f"pid {dead_pid} is gone" in report.render()
+
+
+async def test_status_reads_what_real_workers_of_two_layouts_wrote(smtp_sink: SmtpSink) -> None:
+    fake = FakeCouch(databases=["messages"])
+    backend = Backend("fake", IN_PROCESS_URL, "messages", fake)
+    config = backend.config(smtp_sink)
+    for n in range(6):
+        fake.put("messages", message(n))
+    await run_until(
+        config, lambda: len(smtp_sink.messages) == 6, transport=backend.transport, timeout=10
+    )
+    for n in range(6, 10):
+        fake.put("messages", message(n))
+    # Worker 1 of a new layout of 2, starting from 0 (the marks keep it from
+    # sending again what was sent); it owns some of the new messages.
+    owner = Shard(worker_id=1, worker_count=2)
+    owned = sum(owner.owns(f"msg-{n:05d}") for n in range(6, 10))
+    assert owned > 0
+    await run_until(
+        config,
+        lambda: len(smtp_sink.messages) == 6 + owned,
+        transport=backend.transport,
+        worker_id=1,
+        worker_count=2,
+        timeout=10,
+    )
+
+    report = await gather_status(config, transport=backend.transport)
+
+    assert [layout.worker_count for layout in report.layouts] == [1, 2]
+    assert report.layouts[1].missing_workers == (0,)
+    for worker in report.workers:
+        doc = fake.get(config.couch.checkpoint_database, worker.checkpoint_id)
+        assert doc is not None and worker.since == doc["since"]
+        assert worker.updated_at == doc["updated_at"]
+        assert worker.lease is None and worker.state == "stopped"  # released at a clean stop
+        assert not worker.stale
+        assert worker.pending_estimate is not None
+    # The first layout never saw the last four messages.
+    assert find(report, 0, 1).behind is True
+    estimate = find(report, 0, 1).pending_estimate
+    assert estimate is not None and estimate >= 4
