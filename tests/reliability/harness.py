@@ -58,6 +58,7 @@ CHECKPOINTS = "workersequences"
 _CLEAN_ENV = (
     "NOTIFIER_CONFIG",
     "NOTIFIER_LOG_LEVEL",
+    "NOTIFIER_LOG_FORMAT",  # the log lines are parsed as text
     "NOTIFIER_WORKER_COUNT",
     "NOTIFIER_COUCH_PASSWORD",
     "NOTIFIER_SMTP_PASSWORD",
