@@ -3,7 +3,8 @@
 Exit statuses (documented in README.md; systemd units rely on them):
 
 ====  =========================================================================
-0     clean stop (SIGINT or SIGTERM, in-flight work drained)
+0     clean stop (SIGINT or SIGTERM, in-flight work drained); check/status: all good
+1     status: at least one worker is stale
 2     bad command line
 69    CouchDB unreachable or failing at start-up, missing database,
       unreadable checkpoint, or a fatal CouchDB error while running
@@ -31,15 +32,15 @@ from typing import ClassVar
 from notifier import __version__
 from notifier import config as config_module
 from notifier.config import Config
-from notifier.couch import CouchClient
 from notifier.errors import ConfigError, CouchError, DeliveryError, LeaseLost, NotifierError
-from notifier.mailer import SmtpPool
+from notifier.ops import gather_status, run_checks
 from notifier.runner import EXIT_FORCED, run_worker
 from notifier.shard import Shard
 
 log = logging.getLogger("notifier")
 
 EXIT_OK = 0
+EXIT_STALE = 1
 EXIT_USAGE = 2
 EXIT_COUCH = 69
 EXIT_CRASH = 70
@@ -116,9 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="validate the configuration and connect to CouchDB and SMTP",
-        description="Validate the configuration, then connect to CouchDB and the SMTP server.",
+        description=(
+            "Validate the configuration, then check CouchDB (server, credentials, databases, "
+            "the _selector filter) and the SMTP server (connection, TLS, login, sender). "
+            "Prints one line per check with how to fix what failed; sends no email."
+        ),
     )
     config_option(check)
+
+    status = commands.add_parser(
+        "status",
+        help="show every worker's checkpoint, lag estimate and lease",
+        description=(
+            "List the checkpoint of every worker of every layout (worker count), when it "
+            "was written, an estimate of the changes after it, and who holds its lease. "
+            "Exits 1 when a worker is stale: changes after a checkpoint older than "
+            "--stale-after."
+        ),
+    )
+    config_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--stale-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="age after which a checkpoint with changes after it is stale (default %(default)s)",
+    )
     return parser
 
 
@@ -131,7 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard = _shard(args, config)
             asyncio.run(run_worker(config, shard))
         elif args.command == "check":
-            asyncio.run(_check(config))
+            report = asyncio.run(run_checks(config))
+            print(report.render(), end="")
+            if not report.ok:
+                assert report.first_error is not None
+                return exit_status(report.first_error)
+        elif args.command == "status":
+            state = asyncio.run(gather_status(config, stale_after=args.stale_after))
+            print(json.dumps(state.to_json(), indent=2) if args.json else state.render())
+            if state.any_stale:
+                return EXIT_STALE
     except ConfigError as e:
         log.error("configuration error: %s", e)
         return EXIT_CONFIG
@@ -171,19 +205,6 @@ def _shard(args: argparse.Namespace, config: Config) -> Shard:
         return Shard(worker_id=args.worker_id, worker_count=count)
     except ValueError as e:
         raise ConfigError(f"--worker-id/--worker-count: {e}") from None
-
-
-async def _check(config: Config) -> None:
-    print(f"configuration {config.source}: ok")
-    async with CouchClient.from_config(config.couch) as couch:
-        info = await couch.database_info(config.couch.database)
-        print(
-            f"CouchDB {config.couch.url} database {config.couch.database!r}: ok "
-            f"({info.get('doc_count')} documents)"
-        )
-    async with SmtpPool(config.smtp, size=1) as pool:
-        await pool.check()
-        print(f"SMTP {config.smtp.host}:{config.smtp.port} ({config.smtp.security}): ok")
 
 
 class _JournalFormatter(logging.Formatter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -314,3 +315,36 @@ def test_a_crashed_holder_on_this_host_is_replaced_without_waiting_out_the_lease
     assert set(counts) == set(recipients)
     # A crash may resend what was in flight: at most max_parallel.
     assert sum(n - 1 for n in counts.values()) <= 2
+
+
+def test_check_passes_on_a_good_setup_and_names_what_fails(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile
+) -> None:
+    good = run("check", "--config", str(config_file()))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "checks passed" in good.stdout
+    bad = run("check", "--config", str(config_file(couch={"database": "mesages"})))
+    assert bad.returncode == 69
+    assert "FAIL" in bad.stdout and "'mesages' does not exist" in bad.stdout
+    assert smtp_sink.messages == [], "check sends no email"
+
+
+def test_status_shows_the_workers_of_a_run_as_json(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    seed(couch, 10)
+    cfg = str(config_file())
+    with daemon(tmp_path, "run", "--worker-id", "0", "--config", cfg) as d:
+        wait_until(lambda: len(smtp_sink.messages) >= 10, 30, "10 emails", d)
+        running = run("status", "--config", cfg, "--json")
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert running.returncode == 0, running.stdout + running.stderr
+    report = json.loads(running.stdout)
+    (layout,) = report["layouts"]
+    (worker,) = layout["workers"]
+    assert (worker["worker_id"], worker["worker_count"]) == (0, 1)
+    assert worker["stale"] is False
+    table = run("status", "--config", cfg)
+    assert table.returncode == 0
+    assert "0 of 1" in table.stdout
