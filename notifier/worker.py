@@ -81,6 +81,9 @@ RECENT_LIMIT = 10_000
 #: stays within drain_timeout plus a little (systemd's TimeoutStopSec).
 FINAL_CHECKPOINT_TIMEOUT = 10.0
 
+#: Seconds between INFO lines about checkpoint writes.
+CHECKPOINT_LOG_INTERVAL = 60.0
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -176,6 +179,7 @@ class Worker:
         self.on_delivered: Callable[[float], None] | None = None
         # monotonic time of the last checkpoint pass that left nothing unsaved
         self.checkpoint_ok_at = time.monotonic()
+        self._checkpoint_logged_at = -CHECKPOINT_LOG_INTERVAL
         self._slots = asyncio.Semaphore(s.max_parallel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, asyncio.Event] = {}
@@ -458,7 +462,7 @@ class Worker:
                     return self._dead_letter(
                         doc, f"gave up after {attempts} attempts: {e}", attempts
                     )
-                log.info("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
+                log.debug("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
             except DeliveryError:
                 raise  # fatal for the channel: the worker stops
             except Exception as e:
@@ -596,7 +600,16 @@ class Worker:
         if seq is not None and arrival != self._saved_arrival:
             await self._checkpoints.save(seq)
             self._saved_arrival = arrival
-            log.debug("checkpoint %r written", seq)
+            now = time.monotonic()
+            # A lifecycle line with counts, at most once a minute; every
+            # write at DEBUG.
+            if now - self._checkpoint_logged_at >= CHECKPOINT_LOG_INTERVAL:
+                self._checkpoint_logged_at = now
+                log.info(
+                    "worker %s: checkpoint %r; %s", self.settings.shard, seq, self.status_line()
+                )
+            else:
+                log.debug("checkpoint %r written", seq)
         self.checkpoint_ok_at = time.monotonic()
 
 
