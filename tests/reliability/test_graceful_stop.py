@@ -206,3 +206,33 @@ def test_a_drain_deadline_that_expires_is_logged_and_the_interrupted_are_resent(
         "after the restart (a relay that completed them anyway would make them duplicates, "
         "bounded by max_parallel); recovery = restart to next email"
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "after the drain deadline each interrupted send still says QUIT to the relay and "
+        "waits up to 2 s for its answer (SmtpPool.connection -> _quit on CancelledError), so "
+        "the stop overruns drain_timeout by 2 s; a send given up on should just close its "
+        "connection"
+    ),
+)
+def test_after_an_expired_drain_deadline_the_worker_does_not_wait_on_the_relay(
+    fake_couch: FakeCouch, smtp_sink: SmtpSink, notifier_cli: NotifierCli
+) -> None:
+    seed_messages(fake_couch, MAX_PARALLEL)
+    smtp_sink.delay = 10.0  # a relay that does not answer DATA in time
+    rcpt = RecipientLog(smtp_sink)
+    config = notifier_cli.config(worker={"max_parallel": MAX_PARALLEL, "drain_timeout": 0.5})
+    process = notifier_cli.start(config)
+    wait_until(
+        lambda: len(rcpt.in_flight()) == MAX_PARALLEL,
+        20.0,
+        f"{MAX_PARALLEL} sends in flight",
+        process,
+    )
+    process.send(signal.SIGTERM)
+    process.wait_for_log("drain deadline")
+    # What is left after the deadline is the final checkpoint (nothing moved,
+    # so nothing to write) and closing connections: well under a second.
+    assert process.wait(timeout=1.5) == 0
