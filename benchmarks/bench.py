@@ -205,6 +205,8 @@ class Bench:
             "--parallel",
             "5",
         ]
+        if getattr(self.args, "naive_reuse_smtp", False):
+            argv.append("--reuse-smtp")
         return Daemon(argv, self.log_path(name), ready=NAIVE_READY), checkpoints
 
     # -- 1-3: workers at load -------------------------------------------------------
@@ -649,6 +651,11 @@ def main() -> int:
     parser.add_argument("--latency-docs", type=int, help="docs for the latency figure (200)")
     parser.add_argument("--idle", type=float, help="seconds of the idle figure (30)")
     parser.add_argument(
+        "--naive-reuse-smtp",
+        action="store_true",
+        help="let the baseline keep its SMTP connections (default: one per email, the naive way)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help="where to write the figures (%(default)s)"
     )
     parser.add_argument(
@@ -684,7 +691,9 @@ def main() -> int:
         "date": datetime.datetime.now(tz=datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "argv": shlex.join(sys.argv[1:]),
-        "settings": {k: getattr(args, k) for k in (*defaults, "small_backlog", "quick")},
+        "settings": {
+            k: getattr(args, k) for k in (*defaults, "small_backlog", "quick", "naive_reuse_smtp")
+        },
         "machine": machine(),
     }
     started = time.monotonic()

@@ -53,9 +53,12 @@ def best_notifier(summary: dict[str, Any]) -> str | None:
 
 def main_table(results: dict[str, Any]) -> str:
     summary = results.get("summary", {})
+    labels = dict(ROWS)
+    if results["settings"].get("naive_reuse_smtp"):
+        labels["baseline"] += ", reused SMTP connections"
     base = summary.get("baseline", {}).get("emails_per_second")
     rows = []
-    for key, label in ROWS:
+    for key, label in labels.items():
         s = summary.get(key)
         if s is None:
             rows.append([label, "failed", "", "", "", "", ""])
@@ -331,7 +334,9 @@ section only (it is kept when the rest is regenerated). Re-run with:
 medians of {s["runs"]} runs on a shared machine: compare ratios, not absolutes.
 
 - **Date:** {results["date"]}
-- **Machine:** {m["nproc"]} cores ({m["cpu_model"]}), Linux {m["kernel"]}
+- **Machine:** {m["nproc"]} cores ({m["cpu_model"]}), Linux {m["kernel"]}; load
+  average {" ".join(m.get("loadavg_at_start", []))} at the start and
+  {" ".join(m.get("loadavg_at_end", []))} at the end (the cores are shared)
 - **Software:** Python {m["python"]}, PouchDB Server {m.get("pouchdb_server")}
   (in memory) on Node.js {m["node"]}, aiosmtpd {m["aiosmtpd"]},
   aiosmtplib {m["aiosmtplib"]}, httpx {m["httpx"]}
