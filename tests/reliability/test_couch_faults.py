@@ -237,7 +237,10 @@ def test_a_checkpoint_that_cannot_be_written_is_logged_once_per_outage(
         process,
     )
     fake_couch.clear_faults()
-    wait_until(lambda: read_checkpoint(fake_couch) is not None, 10.0, "a checkpoint", process)
+    # Wait for the worker to know its write went through, not just for the
+    # doc to exist: a stop in between would cancel the write's answer.
+    process.wait_for_log(CHECKPOINT_BACK, timeout=10.0)
+    assert read_checkpoint(fake_couch) is not None
     assert process.stop() == 0, process.output()
 
     assert smtp_sink.count_by_recipient() == {r: 1 for r in seeded.recipients}
