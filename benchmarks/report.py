@@ -347,8 +347,9 @@ medians of {s["runs"]} runs on a shared machine: compare ratios, not absolutes.
 
 {main_table(results)}
 
-Where the CPU time goes, in seconds per 1,000 emails, by process (the two
-cores are shared by all of them):
+Where the CPU time goes, in seconds per 1,000 emails, by process, from the
+worker's ready line to its exit (the two cores are shared by all of them;
+PouchDB Server's share includes the driver writing the messages):
 
 {cpu_table(results)}
 
@@ -405,8 +406,10 @@ ceilings take turns (round robin), so a noisy neighbour hits every row alike.
   Server over HTTP would take longer than the run). Peak RSS is read after
   the last email is accepted; the growth is the difference of the two peaks.
 - **Catch-up skim**: {s["skim"]:,} already-notified docs, then one fresh message
-  (the sentinel), on PouchDB Server. The selector keeps notified docs on the
-  server, so no row crosses the wire until the sentinel's. notifier is timed
+  (the sentinel), on PouchDB Server; median of {s["runs"]} rounds, each adding
+  a sentinel after the last and starting notifier from a fresh checkpoint.
+  The selector keeps notified docs on the server, so no row crosses the wire
+  until the sentinel's. notifier is timed
   from its first SMTP connection (its start-up check, made just before it
   opens the feed) to the sentinel's acceptance; its final checkpoint must be
   the sentinel's seq. The comparison is a plain httpx streaming loop reading
@@ -420,4 +423,8 @@ ceilings take turns (round robin), so a noisy neighbour hits every row alike.
   interval 5 s, lease renewed every 10 s) on an empty database; its CPU time
   over {s["idle"]:g} s with no changes, from `/proc/<pid>/stat` (10 ms ticks),
   starting 2 s after it was ready.
+- **Profile**: `benchmarks/profile_notifier.py` runs one throughput run
+  (5,000 messages, max_parallel 50) with py-spy attached and prints CPU time
+  by package and function (`.venv/bin/pip install py-spy` first; it is not a
+  dependency of the project).
 """
