@@ -303,9 +303,17 @@ def render_text(results: dict[str, Any]) -> str:
         "",
         targets_table(results),
     ]
+    if results.get("warnings"):
+        parts += ["", "warnings:", *(f"  {w}" for w in results["warnings"])]
     if results.get("errors"):
         parts += ["", "errors:", *(f"  {e}" for e in results["errors"])]
     return "\n".join(parts)
+
+
+def _problems(results: dict[str, Any]) -> str:
+    lines = [f"- warning: {w}" for w in results.get("warnings", [])]
+    lines += [f"- error: {e}" for e in results.get("errors", [])]
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def _kept_analysis() -> str:
@@ -360,7 +368,7 @@ PouchDB Server's share includes the driver writing the messages):
 ## Targets
 
 {targets_table(results)}
-
+{_problems(results)}
 {_kept_analysis()}
 
 ## How each figure is measured
