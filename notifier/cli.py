@@ -25,9 +25,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from notifier import __version__
 from notifier import config as config_module
@@ -51,6 +51,8 @@ EXIT_CONFIG = 78
 __all__ = ["EXIT_FORCED", "main"]
 
 DEFAULT_CONFIG = "/etc/notifier/config.toml"
+
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,15 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(args.config)
         if args.command == "run":
             shard = _shard(args, config)
-            asyncio.run(run_worker(config, shard))
+            run_async(run_worker(config, shard))
         elif args.command == "check":
-            report = asyncio.run(run_checks(config))
+            report = run_async(run_checks(config))
             print(report.render(), end="")
             if not report.ok:
                 assert report.first_error is not None
                 return exit_status(report.first_error)
         elif args.command == "status":
-            state = asyncio.run(gather_status(config, stale_after=args.stale_after))
+            state = run_async(gather_status(config, stale_after=args.stale_after))
             print(json.dumps(state.to_json(), indent=2) if args.json else state.render())
             if state.any_stale:
                 return EXIT_STALE
@@ -176,6 +178,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("unexpected error; this is a bug, please report it with this log")
         return EXIT_CRASH
     return EXIT_OK
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop where it is installed, else on asyncio's own loop.
+
+    uvloop runs the same code with much less event-loop overhead per socket
+    operation, which is most of this daemon's CPU at load.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def exit_status(error: NotifierError) -> int:

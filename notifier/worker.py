@@ -441,7 +441,7 @@ class Worker:
     async def _deliver(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """Deliver with retries; return the fields that mark the outcome on the doc."""
         s = self.settings
-        backoff = Backoff(base=s.retry_base, cap=s.retry_cap)
+        backoff: Backoff | None = None  # made on the first failure: most never fail
         attempts = 0
         while True:
             attempts += 1
@@ -489,6 +489,7 @@ class Worker:
                     RECORD: {**receipt, **self._stamp(attempts, "sentAt")},
                 }
             self.stats.retried += 1
+            backoff = backoff or Backoff(base=s.retry_base, cap=s.retry_cap)
             await self._pause(backoff.next_delay())
 
     def _dead_letter(self, doc: Mapping[str, Any], reason: str, attempts: int) -> dict[str, Any]:
@@ -549,7 +550,7 @@ class Worker:
         A message that was sent must be marked, so this does not give up; the
         drain deadline is what bounds it at shutdown.
         """
-        backoff = Backoff(base=self.settings.couch_retry_base, cap=self.settings.couch_retry_cap)
+        backoff: Backoff | None = None
         while True:
             try:
                 result = await call(*args, **kwargs)
@@ -557,6 +558,8 @@ class Worker:
                 if self._couch_down_since is None:
                     self._couch_down_since = time.monotonic()
                     log.warning("CouchDB request failed: %s; retrying with backoff", e)
+                s = self.settings
+                backoff = backoff or Backoff(base=s.couch_retry_base, cap=s.couch_retry_cap)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             if self._couch_down_since is not None:
