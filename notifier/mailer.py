@@ -102,7 +102,9 @@ class SmtpPool:
             try:
                 yield client
             except BaseException:
-                await _quit(client)
+                # Its state is unknown (and after a cancellation there is no
+                # time to spare): close it, without a QUIT round trip.
+                client.close()
                 raise
             if client.is_connected:
                 self._idle.append((client, time.monotonic()))

@@ -208,15 +208,6 @@ def test_a_drain_deadline_that_expires_is_logged_and_the_interrupted_are_resent(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "after the drain deadline each interrupted send still says QUIT to the relay and "
-        "waits up to 2 s for its answer (SmtpPool.connection -> _quit on CancelledError), so "
-        "the stop overruns drain_timeout by 2 s; a send given up on should just close its "
-        "connection"
-    ),
-)
 def test_after_an_expired_drain_deadline_the_worker_does_not_wait_on_the_relay(
     fake_couch: FakeCouch, smtp_sink: SmtpSink, notifier_cli: NotifierCli
 ) -> None:
