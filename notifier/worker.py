@@ -297,7 +297,7 @@ class Worker:
         # 2. Drain what is in flight, within the deadline.
         if self._tasks:
             log.info(
-                "worker %s: draining %d in-flight messages (deadline %.0fs)",
+                "worker %s: draining %d in-flight messages (deadline %gs)",
                 s.shard,
                 len(self._tasks),
                 s.drain_timeout,
@@ -307,7 +307,7 @@ class Worker:
             # not done, and the checkpoint stays before it.
             if pending:
                 log.warning(
-                    "worker %s: drain deadline of %.0fs passed; %d messages were interrupted "
+                    "worker %s: drain deadline of %gs passed; %d messages were interrupted "
                     "and will be sent again after a restart",
                     s.shard,
                     s.drain_timeout,
