@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from realservers import CouchTestDB
-from scenario import seed
+from scenario import ScenarioRecord, seed
 
 from notifier.testing.smtp import SmtpSink
-from notifier.worker import NOTIFIED, RECORD
+from notifier.worker import FAILED, NOTIFIED, RECORD
 
 pytestmark = pytest.mark.e2e
 
@@ -185,14 +185,27 @@ def test_a_second_signal_exits_at_once(
 
 
 @pytest.mark.parametrize(
-    ("overrides", "args", "status", "message"),
+    ("mistake", "overrides", "args", "status", "message"),
     [
-        ({"worker": {"max_parallel": 0}}, [], 78, "[worker] max_parallel"),
-        ({"couch": {"database": "nope_missing"}}, [], 69, "does not exist"),
-        ({}, ["--worker-count", "2", "--worker-id", "2"], 78, "worker_id 2 is out of range"),
-        ({"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
-        ({}, ["--worker-id", "1"], 78, "worker_id 1 is out of range for worker_count 1"),
+        ("max_parallel < 1", {"worker": {"max_parallel": 0}}, [], 78, "[worker] max_parallel"),
+        ("missing database", {"couch": {"database": "nope_missing"}}, [], 69, "does not exist"),
         (
+            "worker id >= worker count",
+            {},
+            ["--worker-count", "2", "--worker-id", "2"],
+            78,
+            "worker_id 2 is out of range",
+        ),
+        ("unreachable CouchDB", {"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
+        (
+            "worker id >= the config's worker count",
+            {},
+            ["--worker-id", "1"],
+            78,
+            "worker_id 1 is out of range for worker_count 1",
+        ),
+        (
+            "unreadable password file",
             {"couch": {"username": "notifier", "password_file": "/nonexistent/couch-password"}},
             [],
             78,
@@ -204,6 +217,8 @@ def test_start_up_errors_have_distinct_exit_statuses(
     couch: CouchTestDB,
     config_file: ConfigFile,
     smtp_sink: SmtpSink,
+    scenario_record: ScenarioRecord,
+    mistake: str,
     overrides: dict[str, Any],
     args: list[str],
     status: int,
@@ -216,6 +231,11 @@ def test_start_up_errors_have_distinct_exit_statuses(
     assert result.returncode == status, result.stderr
     assert message in result.stderr
     assert smtp_sink.messages == []
+    assert all(NOTIFIED not in doc and FAILED not in doc for doc in couch.all_docs())
+    scenario_record.scenario = f"7. Configuration mistake: {mistake}"
+    scenario_record.faults = f"exit {status} before any email: {message}"
+    scenario_record.messages = 2
+    scenario_record.notes = "nothing sent, marked or dead-lettered"
 
 
 def test_smtp_login_failure_exits_77_without_leaking_the_password(
@@ -272,7 +292,11 @@ def test_help_explains_every_option() -> None:
 
 
 def test_a_second_process_for_the_same_worker_waits_and_takes_over(
-    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+    couch: CouchTestDB,
+    smtp_sink: SmtpSink,
+    config_file: ConfigFile,
+    tmp_path: Path,
+    scenario_record: ScenarioRecord,
 ) -> None:
     recipients = seed(couch, 80)
     smtp_sink.delay = 0.05
@@ -284,7 +308,13 @@ def test_a_second_process_for_the_same_worker_waits_and_takes_over(
             wait_until(lambda: "waiting as a standby" in second.output(), 30, "standby", second)
             assert "already running on" in second.output()
             first.signal(signal.SIGTERM)
+            stopped_at = time.monotonic()
             assert first.wait() == 0, first.output()
+            sent_before = len(smtp_sink.messages)
+            wait_until(
+                lambda: len(smtp_sink.messages) > sent_before, 30, "the standby to send", second
+            )
+            took_over = time.monotonic() - stopped_at
             wait_until(lambda: len(smtp_sink.messages) >= 80, 60, "all emails", second)
             second.signal(signal.SIGTERM)
             assert second.wait() == 0, second.output()
@@ -292,10 +322,20 @@ def test_a_second_process_for_the_same_worker_waits_and_takes_over(
     assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients}
     workers_sent = {doc[RECORD]["worker"] for doc in couch.all_docs()}
     assert workers_sent == {"0/1"}
+    scenario_record.scenario = "6a. Same worker id twice: the second waits, then takes over"
+    scenario_record.count(smtp_sink.count_by_recipient(), recipients)
+    scenario_record.faults = "a second process with the same id and count; the first stopped"
+    scenario_record.recovery_seconds = took_over
+    scenario_record.notes = "recovery = first's SIGTERM to the standby's first email"
+    assert scenario_record.duplicates_seen == 0
 
 
 def test_a_crashed_holder_on_this_host_is_replaced_without_waiting_out_the_lease(
-    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+    couch: CouchTestDB,
+    smtp_sink: SmtpSink,
+    config_file: ConfigFile,
+    tmp_path: Path,
+    scenario_record: ScenarioRecord,
 ) -> None:
     recipients = seed(couch, 40)
     smtp_sink.delay = 0.05
@@ -314,7 +354,13 @@ def test_a_crashed_holder_on_this_host_is_replaced_without_waiting_out_the_lease
     counts = smtp_sink.count_by_recipient()
     assert set(counts) == set(recipients)
     # A crash may resend what was in flight: at most max_parallel.
-    assert sum(n - 1 for n in counts.values()) <= 2
+    scenario_record.scenario = "6b. Same worker: a SIGKILLed holder is replaced at once"
+    scenario_record.count(counts, recipients)
+    scenario_record.duplicates_bound = 2
+    scenario_record.faults = "holder SIGKILLed with a 600 s lease; restarted on the same host"
+    scenario_record.notes = "the dead pid frees the lease; no wait for its expiry"
+    assert scenario_record.lost == 0
+    assert scenario_record.duplicates_seen <= scenario_record.duplicates_bound
 
 
 def test_check_passes_on_a_good_setup_and_names_what_fails(
