@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from notifier.errors import ConfigError
+from notifier.templates import compile_template
 
 COUCH_PASSWORD_ENV = "NOTIFIER_COUCH_PASSWORD"  # noqa: S105 (a variable name)
 SMTP_PASSWORD_ENV = "NOTIFIER_SMTP_PASSWORD"  # noqa: S105 (a variable name)
@@ -95,6 +96,14 @@ class EmailConfig:
     sender: str
     sender_name: str = "Notifier"
     max_body_bytes: int = 1_000_000
+    # Jinja2 template files; None means the shipped default (and no HTML part).
+    # After loading, a relative path has been made relative to the config file.
+    subject_template: str | None = None
+    text_template: str | None = None
+    html_template: str | None = None
+
+
+TEMPLATE_KEYS = ("subject_template", "text_template", "html_template")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +176,7 @@ def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = No
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return from_mapping(data, source=source, environ=environ)
+    return from_mapping(data, source=source, environ=environ, base_dir=Path(path).parent)
 
 
 def from_mapping(
@@ -175,8 +184,13 @@ def from_mapping(
     *,
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> Config:
-    """Validate an already parsed TOML document (see :func:`load`)."""
+    """Validate an already parsed TOML document (see :func:`load`).
+
+    Relative template paths are taken from ``base_dir`` (the config file's
+    directory), else from the current directory.
+    """
     env = os.environ if environ is None else environ
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
@@ -207,6 +221,7 @@ def from_mapping(
         raise ConfigError(
             f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
         )
+    email = _resolve_templates(email, base_dir or Path.cwd(), source)
     metrics: MetricsConfig = sections["metrics"]
     if metrics.listen is not None:
         try:
@@ -221,6 +236,24 @@ def from_mapping(
         metrics=metrics,
         source=source,
     )
+
+
+def _resolve_templates(email: EmailConfig, base_dir: Path, source: str) -> EmailConfig:
+    """Make template paths absolute and compile each once, so that a broken
+    template stops start-up (and ``check``) with its file and line named,
+    rather than dead-lettering every message."""
+    resolved: dict[str, Any] = {}
+    for key in TEMPLATE_KEYS:
+        value = getattr(email, key)
+        if value is None:
+            continue
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        try:
+            compile_template(path, html=key == "html_template")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: [email] {key}: {e}") from None
+        resolved[key] = str(path)
+    return dataclasses.replace(email, **resolved)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

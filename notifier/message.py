@@ -22,6 +22,7 @@ from email.utils import format_datetime, formataddr
 from typing import Any
 
 from notifier.errors import PermanentDeliveryError
+from notifier.templates import Rendered, Templates
 
 # One address, no display name, no comments, no lists: local@domain.with.dot.
 # White space, control characters and the characters that separate or quote
@@ -74,6 +75,9 @@ class Composer:
     database: str
     sender_name: str = "Notifier"
     max_body_bytes: int = 1_000_000
+    # Compiled once (at start-up); the shipped defaults say what notifier
+    # always said, in plain text only.
+    templates: Templates = field(default_factory=Templates.default)
 
     def message_id(self, doc_id: str) -> str:
         """A Message-ID that depends only on the database and the document.
@@ -101,6 +105,21 @@ class Composer:
                 f"'body' is {len(encoded_body)} bytes, over the limit of {self.max_body_bytes} "
                 "([email] max_body_bytes)"
             )
+        created_at = _created_at(doc)
+        rendered = self.templates.render(
+            {
+                "doc": doc,
+                "id": doc_id,
+                "to": to,
+                "from_": author,
+                "subject": subject,
+                "body": body.replace("\r\n", "\n"),
+                "created_at": created_at,
+                "sender": self.sender,
+                "sender_name": self.sender_name,
+            }
+        )
+        title = _checked_subject(rendered.subject)
 
         message_id = self.message_id(doc_id)
         headers: list[tuple[str, str]] = [
@@ -110,25 +129,16 @@ class Composer:
         reply_to = _plain_address(author)
         if reply_to is not None:
             headers.append(("Reply-To", reply_to))
-        title = subject or (f"New message from {author}" if author else "New message")
         headers += [
             ("Subject", _encode_header(title, "Subject")),
-            ("Date", format_datetime(_created_at(doc))),
+            ("Date", format_datetime(created_at)),
             ("Message-ID", message_id),
             # RFC 3834: tells autoresponders not to answer a notification.
             ("Auto-Submitted", "auto-generated"),
             ("MIME-Version", "1.0"),
         ]
-        intro = f"{author} wrote to you" if author else "You have a new message"
-        heading = f"{intro}:\n\nSubject: {subject}\n\n" if subject else f"{intro}:\n\n"
-        text = heading + body.replace("\r\n", "\n")
-        if not text.endswith("\n"):
-            text += "\n"
-        payload, transfer = _encode_body(text)
-        headers += [
-            ("Content-Type", 'text/plain; charset="utf-8"'),
-            ("Content-Transfer-Encoding", transfer),
-        ]
+        content_headers, payload = _body(rendered)
+        headers += content_headers
         for name, value in headers:
             # Every value was validated or encoded above; this is the last
             # line of defence against a header that could add another.
@@ -143,6 +153,82 @@ class Composer:
             body=payload,
             data=head + b"\r\n" + payload,
         )
+
+
+def _checked_subject(rendered: str) -> str:
+    """The rendered subject, if it can be one header line.
+
+    The fields were checked, but a template can still put a line break in
+    (``{{ body }}``, or a literal one): that makes the message undeliverable
+    rather than letting a field start a header of its own.
+    """
+    # Editors end files with a newline; white space at either end means nothing.
+    title = rendered.strip()
+    if _LINE_BREAK.search(title):
+        raise PermanentDeliveryError(f"the subject template produced a line break: {title[:100]!r}")
+    if _CONTROL.search(title) or "\t" in title:
+        raise PermanentDeliveryError(
+            f"the subject template produced control characters: {title[:100]!r}"
+        )
+    _check_unicode("rendered subject", title)
+    return title
+
+
+def _checked_part(rendered: str, what: str) -> str:
+    """A rendered part with LF line ends and a final newline, or a reason it cannot be sent."""
+    text = rendered.replace("\r\n", "\n")
+    if _CONTROL.search(text):
+        # A field read through ``doc`` was not checked like body and subject.
+        raise PermanentDeliveryError(f"the {what} template produced control characters")
+    _check_unicode(f"rendered {what}", text)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _body(rendered: Rendered) -> tuple[list[tuple[str, str]], bytes]:
+    """The content headers and the body: text only, or multipart/alternative with HTML."""
+    text, text_transfer = _encode_body(_checked_part(rendered.text, "text"))
+    if rendered.html is None:
+        # The common case stays a single part, built with no MIME machinery.
+        return [
+            ("Content-Type", 'text/plain; charset="utf-8"'),
+            ("Content-Transfer-Encoding", text_transfer),
+        ], text
+    html, html_transfer = _encode_body(_checked_part(rendered.html, "html"))
+    boundary = _boundary(text, html)
+    delimiter = b"--" + boundary.encode("ascii")
+    # Text first: RFC 2046 puts the preferred (richest) alternative last.
+    payload = b"".join(
+        [
+            delimiter + b"\r\n",
+            b'Content-Type: text/plain; charset="utf-8"\r\n',
+            b"Content-Transfer-Encoding: " + text_transfer.encode("ascii") + b"\r\n\r\n",
+            text,
+            # The CRLF before a delimiter belongs to the delimiter, so each
+            # part keeps its own final line end.
+            b"\r\n" + delimiter + b"\r\n",
+            b'Content-Type: text/html; charset="utf-8"\r\n',
+            b"Content-Transfer-Encoding: " + html_transfer.encode("ascii") + b"\r\n\r\n",
+            html,
+            b"\r\n" + delimiter + b"--\r\n",
+        ]
+    )
+    return [("Content-Type", f'multipart/alternative; boundary="{boundary}"')], payload
+
+
+def _boundary(*parts: bytes) -> str:
+    """A MIME boundary that occurs in none of ``parts``.
+
+    Derived from the parts, not random, so the same document always gives the
+    same bytes (a resend, or ``notifier render``, shows exactly what is sent).
+    """
+    digest = hashlib.sha256(b"\x00".join(parts)).hexdigest()
+    for n in range(100):
+        # "=_" cannot occur in base64, and a text part would have to contain
+        # its own hash; the loop is only there to make that a certainty.
+        boundary = f"=_notifier_{digest[:32]}_{n}"
+        if not any(boundary.encode("ascii") in part for part in parts):
+            return boundary
+    raise PermanentDeliveryError("no MIME boundary avoids the message's text")  # pragma: no cover
 
 
 def address_field(doc: Mapping[str, Any], name: str, *, required: bool) -> str | None:

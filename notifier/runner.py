@@ -29,6 +29,7 @@ from notifier.message import Composer
 from notifier.metrics import Observability
 from notifier.shard import Shard
 from notifier.systemd import SystemdNotifier
+from notifier.templates import load_templates
 from notifier.worker import Worker, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,12 @@ async def run_worker(
         sender_name=config.email.sender_name,
         database=config.couch.database,
         max_body_bytes=config.email.max_body_bytes,
+        # Paths were made absolute and checked when the config was loaded.
+        templates=load_templates(
+            config.email.subject_template,
+            config.email.text_template,
+            config.email.html_template,
+        ),
     )
     async with (
         CouchClient.from_config(config.couch, transport=transport) as couch,
