@@ -272,6 +272,7 @@ class _Demo:
     workers: list[Worker] = field(default_factory=list, init=False)
     _written: int = field(default=0, init=False)
     _table_lines: int = field(default=0, init=False)
+    _last_rows: list[str] = field(default_factory=list, init=False)
     _last_plain: str = field(default="", init=False)
     _last_plain_at: float = field(default=0.0, init=False)
 
@@ -463,6 +464,9 @@ class _Demo:
     def draw(self, *, final: bool = False) -> None:
         rows = _table(self.workers)
         if self.tty:
+            if self._table_lines and rows == self._last_rows:
+                return  # unchanged: redrawing would only flicker
+            self._last_rows = rows
             self._erase_table()
             self.stream.write("\n".join(rows) + "\n")
             self.stream.flush()
