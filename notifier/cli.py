@@ -6,6 +6,7 @@ Exit statuses (documented in README.md; systemd units rely on them):
 0     clean stop (SIGINT or SIGTERM, in-flight work drained); check/status: all good
 1     status: at least one worker is stale
 2     bad command line
+65    render: the document would be dead-lettered (the reason is printed)
 69    CouchDB unreachable or failing at start-up, missing database,
       unreadable checkpoint, or a fatal CouchDB error while running
 70    unexpected crash (a bug: the log has the traceback)
@@ -32,9 +33,16 @@ from typing import Any, ClassVar, TypeVar
 from notifier import __version__
 from notifier import config as config_module
 from notifier.config import Config
-from notifier.errors import ConfigError, CouchError, DeliveryError, LeaseLost, NotifierError
+from notifier.errors import (
+    ConfigError,
+    CouchError,
+    DeliveryError,
+    LeaseLost,
+    NotifierError,
+    PermanentDeliveryError,
+)
 from notifier.ops import gather_status, run_checks
-from notifier.runner import EXIT_FORCED, run_worker
+from notifier.runner import EXIT_FORCED, build_composer, run_worker
 from notifier.shard import Shard
 
 log = logging.getLogger("notifier")
@@ -42,6 +50,7 @@ log = logging.getLogger("notifier")
 EXIT_OK = 0
 EXIT_STALE = 1
 EXIT_USAGE = 2
+EXIT_DATA = 65
 EXIT_COUCH = 69
 EXIT_CRASH = 70
 EXIT_LEASE = 75
@@ -63,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             "message document, once."
         ),
         epilog=(
-            "exit statuses: 0 clean stop, 2 bad command line, 69 CouchDB error, "
+            "exit statuses: 0 clean stop, 2 bad command line, "
+            "65 render: undeliverable document, 69 CouchDB error, "
             "70 crash, 75 lease lost, 76 SMTP error, 77 credentials or permissions refused, "
             "78 configuration error, 130 forced stop (second signal)"
         ),
@@ -146,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="age after which a checkpoint with changes after it is stale (default %(default)s)",
     )
+
+    render = commands.add_parser(
+        "render",
+        help="print the email a document would produce, without sending it",
+        description=(
+            "Compose the email for the message document in DOC.json (a file, or - for "
+            "stdin) with the configured templates and print it: headers and parts, exactly "
+            "as they would be sent (CRLF shown as line ends). Connects to nothing. Exits 65 "
+            "with the reason when the document would be dead-lettered."
+        ),
+    )
+    config_option(render)
+    render.add_argument("doc", metavar="DOC.json", help="a message document as JSON")
     return parser
 
 
@@ -168,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(state.to_json(), indent=2) if args.json else state.render())
             if state.any_stale:
                 return EXIT_STALE
+        elif args.command == "render":
+            return render_document(config, args.doc)
     except ConfigError as e:
         log.error("configuration error: %s", e)
         return EXIT_CONFIG
@@ -177,6 +202,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("unexpected error; this is a bug, please report it with this log")
         return EXIT_CRASH
+    return EXIT_OK
+
+
+def render_document(config: Config, doc_path: str) -> int:
+    """``notifier render``: print what ``run`` would send for one document."""
+    try:
+        if doc_path == "-":
+            raw = sys.stdin.read()
+        else:
+            with open(doc_path, encoding="utf-8") as f:
+                raw = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"notifier render: cannot read {doc_path}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        print(f"{doc_path}: not valid JSON: {e}", file=sys.stderr)
+        return EXIT_DATA
+    if not isinstance(doc, dict):
+        print(f"{doc_path}: expected a JSON object (one document)", file=sys.stderr)
+        return EXIT_DATA
+    try:
+        email = build_composer(config).compose(doc)
+    except PermanentDeliveryError as e:
+        print(f"{doc_path}: would be dead-lettered: {e}", file=sys.stderr)
+        return EXIT_DATA
+    # The bytes are 7-bit (non-ASCII travels encoded); only the CRLF line
+    # ends are turned into the terminal's.
+    sys.stdout.write(email.data.decode("ascii", errors="replace").replace("\r\n", "\n"))
     return EXIT_OK
 
 

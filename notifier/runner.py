@@ -54,6 +54,22 @@ def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
     )
 
 
+def build_composer(config: Config) -> Composer:
+    """The Composer for ``config``: what ``run`` sends and ``render`` shows."""
+    return Composer(
+        sender=config.email.sender,
+        sender_name=config.email.sender_name,
+        database=config.couch.database,
+        max_body_bytes=config.email.max_body_bytes,
+        # Paths were made absolute and checked when the config was loaded.
+        templates=load_templates(
+            config.email.subject_template,
+            config.email.text_template,
+            config.email.html_template,
+        ),
+    )
+
+
 async def run_worker(
     config: Config,
     shard: Shard,
@@ -67,18 +83,7 @@ async def run_worker(
     ``handle_signals=False`` leaves signals alone, for tests and for programs
     that embed a worker and stop it themselves through ``on_start``.
     """
-    composer = Composer(
-        sender=config.email.sender,
-        sender_name=config.email.sender_name,
-        database=config.couch.database,
-        max_body_bytes=config.email.max_body_bytes,
-        # Paths were made absolute and checked when the config was loaded.
-        templates=load_templates(
-            config.email.subject_template,
-            config.email.text_template,
-            config.email.html_template,
-        ),
-    )
+    composer = build_composer(config)
     async with (
         CouchClient.from_config(config.couch, transport=transport) as couch,
         EmailHandler(
