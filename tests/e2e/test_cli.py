@@ -394,3 +394,27 @@ def test_status_shows_the_workers_of_a_run_as_json(
     table = run("status", "--config", cfg)
     assert table.returncode == 0
     assert "0 of 1" in table.stdout
+
+
+def test_render_prints_the_email_and_names_why_a_document_would_be_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "page.html").write_text("<p>{{ subject }}</p>\n")
+    cfg = tmp_path / "notifier.toml"
+    cfg.write_text("[email]\nsender = 'n@example.com'\nhtml_template = 'mail/page.html'\n")
+    doc = tmp_path / "doc.json"
+    doc.write_text(json.dumps({"_id": "m1", "to": "ann@example.com", "subject": "<b>Hi & bye"}))
+    out = run("render", "--config", str(cfg), str(doc))
+    assert out.returncode == 0, out.stderr
+    assert "To: ann@example.com\n" in out.stdout
+    assert "Subject: <b>Hi & bye\n" in out.stdout
+    assert "Content-Type: multipart/alternative;" in out.stdout
+    assert "Subject: <b>Hi & bye\n\n" in out.stdout.split("text/plain", 1)[1]
+    assert "<p>&lt;b&gt;Hi &amp; bye</p>" in out.stdout
+
+    doc.write_text(json.dumps({"_id": "m2", "subject": "no recipient"}))
+    bad = run("render", "--config", str(cfg), str(doc))
+    assert bad.returncode == 65
+    assert "no 'to' field" in bad.stderr
+    assert bad.stdout == ""
