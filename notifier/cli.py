@@ -33,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 from notifier import __version__
 from notifier import config as config_module
 from notifier.config import Config
+from notifier.demo import add_demo_parser, run_demo
 from notifier.errors import (
     ConfigError,
     CouchError,
@@ -169,12 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_option(render)
     render.add_argument("doc", metavar="DOC.json", help="a message document as JSON")
+    add_demo_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    if args.command == "demo":
+        return run_demo(args)  # brings its own servers and configuration
     try:
         config = config_module.load(args.config)
         if args.command == "run":
