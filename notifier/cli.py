@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 
 from notifier import __version__
 from notifier import config as config_module
+from notifier.check import run_checks
 from notifier.config import Config
 from notifier.demo import add_demo_parser, run_demo
 from notifier.errors import (
@@ -42,9 +43,9 @@ from notifier.errors import (
     NotifierError,
     PermanentDeliveryError,
 )
-from notifier.ops import gather_status, run_checks
 from notifier.runner import EXIT_FORCED, build_composer, run_worker
 from notifier.shard import Shard
+from notifier.status import gather_status
 
 log = logging.getLogger("notifier")
 

@@ -350,6 +350,18 @@ def _status_error(response: httpx.Response, what: str) -> CouchError:
     return CouchFatalError(message, status=status, error=error, reason=reason)
 
 
+def short_reason(error: CouchError) -> str:
+    """The error without its request line, e.g. ``404 not_found: Database does not exist.``.
+
+    >>> short_reason(CouchError("CouchDB GET http://h/db: 404 not_found: missing"))
+    '404 not_found: missing'
+    """
+    text = str(error)
+    if text.startswith("CouchDB ") and ": " in text:
+        return text.split(": ", 1)[1]
+    return text
+
+
 def is_missing_database(error: CouchError) -> bool:
     """Whether a 404 is about the database rather than a document."""
     return error.status == 404 and error.reason in ("no_db_file", "Database does not exist.")

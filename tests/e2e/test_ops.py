@@ -1,4 +1,4 @@
-"""``notifier check`` and ``notifier status`` (notifier.ops) against PouchDB Server and the fake.
+"""``notifier check`` and ``notifier status`` against PouchDB Server and the fake.
 
 Each test runs against a real PouchDB Server (the ``couch`` fixture) and/or
 the fake CouchDB (in process through its httpx transport, or on a loopback
@@ -29,19 +29,14 @@ from realservers import free_port, unique_db_name
 from scenario import message
 
 from notifier import config as config_module
+from notifier.check import CheckReport, run_checks
 from notifier.checkpoint import CheckpointStore
 from notifier.config import Config
 from notifier.couch import CouchClient
 from notifier.errors import CouchError, DeliveryError, SmtpLoginRefused
 from notifier.lease import Holder, Lease
-from notifier.ops import (
-    CheckReport,
-    StatusReport,
-    WorkerStatus,
-    gather_status,
-    run_checks,
-)
 from notifier.shard import Shard
+from notifier.status import StatusReport, WorkerStatus, gather_status
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 from notifier.testing.server import FakeCouchServer
 from notifier.testing.smtp import SmtpSink
