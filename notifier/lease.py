@@ -94,10 +94,20 @@ def free_to_take(
     expires_at = lease.get("expires_at")
     if not isinstance(expires_at, int | float) or expires_at <= now:
         return "the lease expired"
-    pid = lease.get("pid")
-    if lease.get("host") == me.host and isinstance(pid, int) and not alive(pid):
-        return f"its holder (pid {pid} on this host) is gone"
+    if holder_is_gone(lease, host=me.host, alive=alive):
+        return f"its holder (pid {lease.get('pid')} on this host) is gone"
     return None
+
+
+def holder_is_gone(
+    lease: Mapping[str, Any], *, host: str, alive: Callable[[int], bool] = pid_alive
+) -> bool:
+    """Whether the lease's holder ran on ``host`` and its process no longer exists.
+
+    Only a process on this host can be checked; elsewhere only expiry tells.
+    """
+    pid = lease.get("pid")
+    return lease.get("host") == host and isinstance(pid, int) and not alive(pid)
 
 
 def lease_id(database: str, shard: Shard) -> str:

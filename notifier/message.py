@@ -44,7 +44,6 @@ class Email:
     recipient: str
     message_id: str
     headers: tuple[tuple[str, str], ...]
-    body: bytes
     data: bytes = field(repr=False)
 
     def header(self, name: str) -> str | None:
@@ -78,6 +77,12 @@ class Composer:
     # Compiled once (at start-up); the shipped defaults say what notifier
     # always said, in plain text only.
     templates: Templates = field(default_factory=Templates.default)
+    # The same for every message: encoded once, not per email.
+    from_header: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from_header = formataddr((self.sender_name, self.sender), charset="utf-8")
+        object.__setattr__(self, "from_header", from_header)
 
     def message_id(self, doc_id: str) -> str:
         """A Message-ID that depends only on the database and the document.
@@ -123,7 +128,7 @@ class Composer:
 
         message_id = self.message_id(doc_id)
         headers: list[tuple[str, str]] = [
-            ("From", formataddr((self.sender_name, self.sender), charset="utf-8")),
+            ("From", self.from_header),
             ("To", to),
         ]
         reply_to = _plain_address(author)
@@ -150,7 +155,6 @@ class Composer:
             recipient=to,
             message_id=message_id,
             headers=tuple(headers),
-            body=payload,
             data=head + b"\r\n" + payload,
         )
 

@@ -26,7 +26,7 @@ from notifier.errors import (
     CouchError,
     CouchFatalError,
 )
-from notifier.lease import pid_alive
+from notifier.lease import holder_is_gone
 from notifier.tracker import Seq
 
 __all__ = ["LayoutStatus", "LeaseInfo", "StatusReport", "WorkerStatus", "gather_status"]
@@ -427,13 +427,8 @@ def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
     )
     host, pid = _str(doc.get("host")), _int(doc.get("pid"))
     expires_in = None if expires is None else expires - now
-    gone = (
-        expires_in is not None
-        and expires_in > 0
-        and host == here
-        and pid is not None
-        and not pid_alive(pid)
-    )
+    # An expired lease is reported as expired; "gone" is for live-looking ones.
+    gone = expires_in is not None and expires_in > 0 and holder_is_gone(doc, host=here)
     return LeaseInfo(
         host=host,
         pid=pid,
