@@ -115,6 +115,9 @@ class WorkerConfig:
     lease_ttl: float = 30.0
     mark_batch_size: int = 100
     mark_batch_delay: float = 0.05
+    claims: bool = True
+    claim_ttl: float = 120.0
+    retire_after: float = 604_800.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,6 +157,8 @@ _POSITIVE = {
     ("worker", "lease_ttl"),
     ("worker", "mark_batch_size"),
     ("worker", "mark_batch_delay"),
+    ("worker", "claim_ttl"),
+    ("worker", "retire_after"),
 }
 _NOT_FROM_FILE = {"password"}
 
@@ -222,6 +227,14 @@ def from_mapping(
             f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
         )
     email = _resolve_templates(email, base_dir or Path.cwd(), source)
+    worker: WorkerConfig = sections["worker"]
+    if worker.claim_ttl < 2 * smtp.timeout:
+        # A send starts only while at least half the claim is left, and must
+        # end before the claim does, or another worker could take it over.
+        raise ConfigError(
+            f"{source}: [worker] claim_ttl ({worker.claim_ttl:g}) must be at least twice "
+            f"[smtp] timeout ({smtp.timeout:g})"
+        )
     metrics: MetricsConfig = sections["metrics"]
     if metrics.listen is not None:
         try:
@@ -232,7 +245,7 @@ def from_mapping(
         couch=couch,
         smtp=smtp,
         email=email,
-        worker=sections["worker"],
+        worker=worker,
         metrics=metrics,
         source=source,
     )

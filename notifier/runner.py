@@ -51,6 +51,8 @@ def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
         max_attempts=config.smtp.max_attempts,
         mark_batch_size=w.mark_batch_size,
         mark_batch_delay=w.mark_batch_delay,
+        claims=w.claims,
+        claim_ttl=w.claim_ttl,
     )
 
 

@@ -125,6 +125,9 @@ class WorkerSettings:
     couch_retry_cap: float = 30.0
     mark_batch_size: int = 100
     mark_batch_delay: float = 0.05
+    # Claim each message before sending it (see notifier.claim).
+    claims: bool = True
+    claim_ttl: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
