@@ -217,6 +217,22 @@ class CouchClient:
         )
         return result
 
+    async def get_docs(self, database: str, doc_ids: list[str]) -> dict[str, Doc | None]:
+        """The current revision of each document, in one request; ``None`` if missing or deleted."""
+        result = await self.request(
+            "POST",
+            f"/{quote(database, safe='')}/_all_docs",
+            params={"include_docs": "true"},
+            json_body={"keys": doc_ids},
+        )
+        found: dict[str, Doc | None] = dict.fromkeys(doc_ids)
+        for row in result.get("rows", []):
+            doc = row.get("doc")
+            # A deleted document's row has a null doc; a missing one has an error.
+            if isinstance(doc, dict) and row.get("key") in found:
+                found[row["key"]] = doc
+        return found
+
     async def database_info(self, database: str) -> Doc:
         info: Doc = await self.request("GET", f"/{quote(database, safe='')}")
         return info

@@ -17,6 +17,10 @@ What it promises (see DESIGN.md):
 * A 409 while marking means someone else wrote the document: it is re-read and
   re-checked, never sent again. A document that shows up again while its first
   copy is still in flight waits for it and is then re-read.
+* With claims on (the default), a message is claimed, with its ``_rev``,
+  before it is sent, so that of two workers that see it (two layouts during
+  a reshard) exactly one sends it; the other waits for it to be settled
+  (see :mod:`notifier.claim`).
 * Only the holder of the worker's lease (see :mod:`notifier.lease`) reads or
   sends anything; a second process for the same slot waits as a standby.
 * Shutdown has one fixed order: stop reading, drain within ``drain_timeout``,
@@ -37,6 +41,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from notifier.backoff import Backoff
 from notifier.checkpoint import CheckpointStore
+from notifier.claim import CLAIM, Claimant, ClaimPoller, Verdict, assess, without_claim
 from notifier.couch import CouchClient
 from notifier.errors import (
     ChannelUnavailableError,
@@ -92,6 +97,14 @@ class _Abandoned(Exception):
     """A message given up because the worker is stopping; it will be resent later."""
 
 
+class _ClaimLost(Exception):
+    """Another worker took our claim over while we waited to retry; ``doc`` is the fresh copy."""
+
+    def __init__(self, doc: Mapping[str, Any] | None) -> None:
+        super().__init__("claim lost")
+        self.doc = doc
+
+
 @dataclass(slots=True)
 class Stats:
     """Live counters, for logs, ``__repr__`` and status lines."""
@@ -103,6 +116,11 @@ class Stats:
     conflicts: int = 0
     abandoned: int = 0
     unmarkable: int = 0
+    #: Claims lost to another worker's write (409), waits for another
+    #: worker's claim, and claims taken over from a crashed worker.
+    claim_conflicts: int = 0
+    claim_waits: int = 0
+    takeovers: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,6 +191,8 @@ class Worker:
             max_delay=s.mark_batch_delay,
             waiting_for=lambda: len(self._tasks),
         )
+        self.claimant = Claimant.this_process(str(s.shard), s.claim_ttl) if s.claims else None
+        self._poller = ClaimPoller(couch, database=s.database)
         self.tracker = InFlightTracker()
         self.stats = Stats()
         self.ready = asyncio.Event()
@@ -321,6 +341,7 @@ class Worker:
                 await asyncio.gather(*pending, return_exceptions=True)
         # Marks already queued still go out (they cost no email).
         await self._writer.aclose()
+        await self._poller.aclose()
         # 4. Final checkpoint.
         for timer in timers:
             timer.cancel()
@@ -339,12 +360,16 @@ class Worker:
         st = self.stats
         log.info(
             "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, "
+            "claims lost %d, waited for %d, taken over %d, "
             "couch_requests=%d checkpoint_writes=%d checkpoint=%r",
             s.shard,
             st.sent,
             st.dead_lettered,
             st.retried,
             st.skipped,
+            st.claim_conflicts,
+            st.claim_waits,
+            st.takeovers,
             self._couch.requests,
             self._checkpoints.writes,
             self._checkpoints.saved,
@@ -403,7 +428,9 @@ class Worker:
         if change.doc is not None and is_settled(change.doc):
             self.stats.skipped += 1
             return False
-        return True
+        # The echo of our own claim is not wanted: the message is in flight
+        # here, or done, or (given up at a stop) still ahead of the checkpoint.
+        return change.doc is None or self.claimant is None or not self.claimant.owns(change.doc)
 
     # -- one message -----------------------------------------------------------
 
@@ -426,12 +453,7 @@ class Worker:
                     doc = await self._couch_call(
                         self._couch.get_doc, self.settings.database, doc_id
                     )
-                if doc is None or is_settled(doc):
-                    self.stats.skipped += 1
-                else:
-                    fields = await self._deliver(doc)
-                    await self._mark(doc, fields)
-                    self._remember(doc_id)
+                await self._settle(doc_id, doc)
             finally:
                 del self._active[doc_id]
                 done.set()
@@ -441,18 +463,110 @@ class Worker:
         finally:
             self._slots.release()
 
-    async def _deliver(self, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """Deliver with retries; return the fields that mark the outcome on the doc."""
+    async def _settle(self, doc_id: str, doc: Mapping[str, Any] | None) -> None:
+        """Claim, deliver and mark the message, unless it is settled already.
+
+        While another worker holds a live claim on it, look again at each
+        poll until that worker settles it or its claim lapses.
+        """
+        while doc is not None and not is_settled(doc):
+            if self.claimant is not None:
+                verdict = assess(doc, self.claimant, now=time.time())
+                if verdict.verdict is Verdict.HELD:
+                    self.stats.claim_waits += 1
+                    log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
+                    doc = await self._look_again(doc_id)
+                    continue
+                if verdict.verdict is Verdict.ABANDONED:
+                    self.stats.takeovers += 1
+                    log.info("message %s: taking the claim over: %s", doc_id, verdict.reason)
+                if verdict.must_write:
+                    try:
+                        doc = await self._claim(doc)
+                    except DocumentConflict:
+                        # Another worker claimed or settled it first, or a user edited it.
+                        self.stats.claim_conflicts += 1
+                        doc = await self._couch_call(
+                            self._couch.get_doc, self.settings.database, doc_id
+                        )
+                        continue
+            try:
+                doc, fields = await self._deliver(doc)
+            except _ClaimLost as lost:
+                doc = lost.doc
+                continue
+            await self._mark(doc, fields)
+            self._remember(doc_id)
+            return
+        self.stats.skipped += 1
+
+    async def _look_again(self, doc_id: str) -> Mapping[str, Any] | None:
+        """The doc as of the next poll; given up at once when the worker stops,
+        since nothing of ours is in flight for it."""
+        read = asyncio.ensure_future(self._couch_call(self._poller.read, doc_id))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not read.done():
+                read.cancel()
+        if not read.done() or read.cancelled():
+            raise _Abandoned
+        return read.result()
+
+    async def _claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Write our claim onto ``doc`` with its ``_rev``; return the claimed doc.
+
+        Raises DocumentConflict when the doc changed since it was read.
+        """
+        assert self.claimant is not None
+        claimed = {**doc, CLAIM: self.claimant.claim(time.time())}
+        try:
+            rev = await self._couch_call(self._writer.write, claimed)
+        except CouchFatalError as e:
+            if e.status not in (400, 413):
+                raise
+            # The server refuses our fields on this doc (too large, or a
+            # validation function): the mark will be refused too. Send it
+            # unclaimed, as without claims, rather than stall the shard.
+            log.error("message %s cannot be claimed: %s; sending it unclaimed", doc["_id"], e)
+            return doc
+        return {**claimed, "_rev": rev}
+
+    async def _keep_claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Before a retry: renew our claim when less than half of it is left."""
+        if self.claimant is None or CLAIM not in doc:
+            return doc
+        verdict = assess(doc, self.claimant, now=time.time())
+        if verdict.verdict is Verdict.MINE:
+            return doc
+        try:
+            return await self._claim(doc)
+        except DocumentConflict:
+            self.stats.claim_conflicts += 1
+            raise _ClaimLost(
+                await self._couch_call(self._couch.get_doc, self.settings.database, doc["_id"])
+            ) from None
+
+    async def _deliver(self, doc: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
+        """Deliver with retries; return the doc (its claim renewed) and the fields that
+        mark the outcome on it.
+
+        Raises _ClaimLost if another worker took the claim over between attempts.
+        """
         s = self.settings
         backoff: Backoff | None = None  # made on the first failure: most never fail
         attempts = 0
         while True:
+            if attempts:
+                doc = await self._keep_claim(doc)
             attempts += 1
             started = time.monotonic()
             try:
                 receipt = await self._handler.deliver(doc)
             except PermanentDeliveryError as e:
-                return self._dead_letter(doc, str(e), attempts)
+                return doc, self._dead_letter(doc, str(e), attempts)
             except ChannelUnavailableError as e:
                 # The server is down: that is no fault of this message, so it
                 # does not use up its attempts; it waits for the server.
@@ -462,7 +576,7 @@ class Worker:
                     log.warning("%s; retrying with backoff", e)
             except TransientDeliveryError as e:
                 if attempts >= s.max_attempts:
-                    return self._dead_letter(
+                    return doc, self._dead_letter(
                         doc, f"gave up after {attempts} attempts: {e}", attempts
                     )
                 log.debug("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
@@ -473,7 +587,7 @@ class Worker:
                 # shard (it would fail again after every restart): it is
                 # dead-lettered, and the traceback logged for a bug report.
                 log.exception("message %s: unexpected error while delivering", doc.get("_id"))
-                return self._dead_letter(
+                return doc, self._dead_letter(
                     doc, f"unexpected error while delivering: {type(e).__name__}: {e}", attempts
                 )
             else:
@@ -487,7 +601,7 @@ class Worker:
                 if self.on_delivered is not None:
                     self.on_delivered(time.monotonic() - started)
                 log.debug("message %s delivered to the SMTP server", doc["_id"])
-                return {
+                return doc, {
                     NOTIFIED: True,
                     RECORD: {**receipt, **self._stamp(attempts, "sentAt")},
                 }
@@ -508,12 +622,13 @@ class Worker:
         }
 
     async def _mark(self, doc: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-        """Write the outcome onto the doc; on 409 re-read and re-check, never resend."""
+        """Write the outcome onto the doc (and drop the claim); on 409 re-read and
+        re-check, never resend."""
         database, doc_id = self.settings.database, doc["_id"]
         current: Mapping[str, Any] = doc
         while True:
             try:
-                await self._couch_call(self._writer.write, {**current, **fields})
+                await self._couch_call(self._writer.write, {**without_claim(current), **fields})
                 return
             except DocumentConflict:
                 self.stats.conflicts += 1

@@ -290,7 +290,8 @@ async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
         await task
     doc = couch.get("msg-00000")
     assert handler.delivered == ["msg-00000"]
-    assert worker.tracker.arrived == 2, "the edit came through the feed as a second row"
+    # Three rows: the message, the echo of the worker's claim, and the edit.
+    assert worker.tracker.arrived == 3, "the edit came through the feed as a row of its own"
     assert doc["subject"] == "edited by the user"
     assert doc[NOTIFIED] is True
     assert worker.stats.conflicts == 1
@@ -484,7 +485,7 @@ async def test_a_sent_message_the_server_will_not_let_us_mark_counts_as_done(
     # unmarked doc: it was delivered once, logged, and the checkpoint moved on.
     assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
     assert worker.stats.unmarkable == 1
-    assert transport.refused == 1
+    assert transport.refused == 2, "the claim, then the mark"
     assert NOTIFIED not in couch.get("msg-00000")
 
 

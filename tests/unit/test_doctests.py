@@ -25,5 +25,11 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_the_core_modules_have_examples() -> None:
-    for name in ("notifier.tracker", "notifier.shard", "notifier.backoff", "notifier.lease"):
+    for name in (
+        "notifier.tracker",
+        "notifier.shard",
+        "notifier.backoff",
+        "notifier.lease",
+        "notifier.claim",
+    ):
         assert doctest.testmod(importlib.import_module(name)).attempted > 0, name

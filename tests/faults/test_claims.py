@@ -1,0 +1,203 @@
+"""Claims: of two workers that see the same message, exactly one sends it.
+
+Workers of two layouts (worker counts) run side by side against the fake
+CouchDB, as during a reshard, and claims left behind by workers that are
+gone are taken over. See notifier/claim.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+from support import DB, all_settled, assert_all_delivered_once, running, seed
+
+from notifier.claim import CLAIM
+from notifier.couch import seq_param
+from notifier.shard import Shard
+from notifier.testing.fake_couch import FakeCouch
+from notifier.testing.smtp import SmtpSink
+from notifier.testing.worker import wait_for
+from notifier.worker import NOTIFIED, RECORD
+
+pytestmark = pytest.mark.anyio
+
+HERE = socket.gethostname()
+
+
+def claim_by(worker: str, *, expires_at: float, host: str = "elsewhere", pid: int = 1) -> Any:
+    return {"worker": worker, "run": "r-other", "host": host, "pid": pid, "expires_at": expires_at}
+
+
+def claimed_message(fake: FakeCouch, n: int, claim: Any) -> str:
+    doc_id = f"msg-{n:05d}"
+    fake.put(DB, {"_id": doc_id, "to": f"user{n}@example.com", "subject": "s", "body": "b"})
+    doc = fake.get(DB, doc_id)
+    assert doc is not None
+    fake.put(DB, {**doc, CLAIM: claim})
+    return doc_id
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+async def test_two_layouts_side_by_side_send_each_message_once(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    # A slow relay keeps messages in flight, so both layouts' owners of a
+    # message see it while the other is working on it.
+    smtp_sink.delay = 0.02
+    recipients = seed(fake, 60)
+    layouts = [Shard(worker_id=i, worker_count=n) for n in (2, 3) for i in range(n)]
+    async with AsyncExitStack() as stack:
+        workers = [
+            (await stack.enter_async_context(running(fake, smtp_sink, shard)))[0]
+            for shard in layouts
+        ]
+        recipients |= seed(fake, 140, start=100)
+        await wait_for(all_settled(fake, 200), timeout=60)
+        await wait_for(lambda: all(len(w.tracker) == 0 for w in workers))
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert sum(w.stats.sent for w in workers) == 200
+    # Both layouts did some of the work, and the races happened.
+    assert sum(w.stats.sent for w in workers[:2]) > 0
+    assert sum(w.stats.sent for w in workers[2:]) > 0
+    assert sum(w.stats.claim_conflicts + w.stats.claim_waits for w in workers) > 0
+    # The mark removes the claim.
+    assert not [d["_id"] for d in fake.docs(DB) if CLAIM in d]
+
+
+async def test_a_live_claim_of_another_worker_is_waited_for_never_sent(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=time.time() + 600))
+    async with running(fake, smtp_sink) as (worker, _):
+        await wait_for(lambda: worker.stats.claim_waits >= 2)
+        # The holder settles it.
+        doc = fake.get(DB, doc_id)
+        assert doc is not None
+        fake.put(DB, {**doc, NOTIFIED: True})
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert smtp_sink.messages == []
+    assert worker.stats.sent == 0
+    assert worker.stats.skipped == 1
+
+
+async def test_an_expired_claim_is_taken_over(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
+    expires_at = time.time() + 1.5
+    expires_mono = time.monotonic() + 1.5  # the sink stamps arrivals with the monotonic clock
+    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=expires_at))
+    async with running(fake, smtp_sink) as (worker, _):
+        await smtp_sink.await_count(1, timeout=20)
+        await wait_for(lambda: len(worker.tracker) == 0)
+    # Never while the other worker's claim was live.
+    (message,) = smtp_sink.messages
+    assert message.received_at >= expires_mono
+    assert worker.stats.takeovers == 1
+    assert worker.stats.claim_waits >= 1
+    doc = fake.get(DB, doc_id)
+    assert doc is not None
+    assert doc[NOTIFIED] is True
+    assert CLAIM not in doc
+
+
+@pytest.mark.parametrize("left_by", ["an earlier run of this worker", "a process that is gone"])
+async def test_a_claim_whose_holder_is_known_to_be_gone_is_taken_over_at_once(
+    fake: FakeCouch, smtp_sink: SmtpSink, left_by: str
+) -> None:
+    far = time.time() + 600
+    if left_by == "a process that is gone":
+        claim = claim_by("1/2", expires_at=far, host=HERE, pid=dead_pid())
+    else:
+        claim = claim_by("0/1", expires_at=far)
+    claimed_message(fake, 0, claim)
+    async with running(fake, smtp_sink) as (worker, _):
+        await smtp_sink.await_count(1, timeout=20)
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert worker.stats.takeovers == 1
+    assert worker.stats.claim_waits == 0
+    assert len(smtp_sink.messages) == 1
+
+
+async def test_the_claim_is_renewed_between_retries_and_a_lost_claim_is_not_sent(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    seed(fake, 1)
+    renewals: list[float] = []
+    taken = asyncio.Event()
+
+    def flaky(envelope: Any) -> str | None:
+        doc = fake.get(DB, "msg-00000")
+        assert doc is not None
+        renewals.append(doc[CLAIM]["expires_at"])
+        if len(renewals) < 4:
+            return "451 try again later"
+        # Another worker takes the claim over while this one waits to retry.
+        fake.put(DB, {**doc, CLAIM: claim_by("2/3", expires_at=time.time() + 600)})
+        taken.set()
+        return "451 try again later"
+
+    smtp_sink.reject = flaky
+    async with running(
+        fake, smtp_sink, claim_ttl=1.0, retry_base=0.4, retry_cap=0.4, max_attempts=50
+    ) as (worker, _):
+        await wait_for(taken.is_set, timeout=20)
+        await wait_for(lambda: worker.stats.claim_waits >= 1, timeout=20)
+        attempts = len(renewals)
+        # The new holder settles it; this worker never tries again.
+        doc = fake.get(DB, "msg-00000")
+        assert doc is not None
+        fake.put(DB, {**doc, NOTIFIED: True})
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert len(renewals) == attempts
+    assert worker.stats.claim_conflicts == 1
+    # 0.4 s between attempts against a 1 s claim: renewed every other attempt.
+    assert len(set(renewals)) >= 2
+    assert smtp_sink.messages == []
+
+
+async def test_a_stop_gives_up_waiting_for_another_workers_claim(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=time.time() + 600))
+    async with running(fake, smtp_sink, drain_timeout=60.0) as (worker, store):
+        await wait_for(lambda: worker.stats.claim_waits >= 1)
+    # Given up at once, not cancelled at the drain deadline.
+    assert worker.stats.abandoned == 1
+    # The checkpoint stays before it: a restart sees it again.
+    assert store.saved is None or doc_id in fake.changed_since(DB, seq_param(store.saved))
+    assert smtp_sink.messages == []
+
+
+async def test_with_claims_off_nothing_is_written_before_sending(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    recipients = seed(fake, 5)
+    async with running(fake, smtp_sink, claims=False) as (worker, _):
+        await wait_for(all_settled(fake, 5))
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    # One write per message: the mark (rev 2).
+    assert {d["_rev"].split("-")[0] for d in fake.docs(DB)} == {"2"}
+    assert all(RECORD in d for d in fake.docs(DB))
+    assert worker.claimant is None
+
+
+def test_the_claim_names_this_process(fake: FakeCouch) -> None:
+    from notifier.claim import Claimant
+
+    me = Claimant.this_process("0/2", 60.0)
+    claim = me.claim(1000.0)
+    assert claim["worker"] == "0/2"
+    assert claim["host"] == HERE
+    assert claim["pid"] == os.getpid()
+    assert claim["expires_at"] == 1060.0
