@@ -58,6 +58,21 @@ class _WorkerCollector(Collector):
                 "Delivery attempts that failed (retried or given up).",
                 st.retried + st.dead_lettered,
             ),
+            (
+                "notifier_claim_conflicts",
+                "Claims lost to another worker's write (409): two layouts overlap.",
+                st.claim_conflicts,
+            ),
+            (
+                "notifier_claim_waits",
+                "Looks at a message while another worker held its claim.",
+                st.claim_waits,
+            ),
+            (
+                "notifier_claim_takeovers",
+                "Claims taken over from a worker that crashed or stopped mid-send.",
+                st.takeovers,
+            ),
         ):
             counter = CounterMetricFamily(name, doc, labels=["worker"])
             counter.add_metric(list(label.values()), value)

@@ -132,6 +132,9 @@ def test_metrics_and_health_over_http(
     assert 'notifier_send_seconds_count{worker="0/1"} 3.0' in text
     assert 'notifier_feed_connected{worker="0/1"} 1.0' in text
     assert 'notifier_in_flight{worker="0/1"} 0.0' in text
+    # One worker alone: no claim was contested.
+    assert 'notifier_claim_conflicts_total{worker="0/1"} 0.0' in text
+    assert 'notifier_claim_takeovers_total{worker="0/1"} 0.0' in text
     assert "notifier_checkpoint_age_seconds" in text
     healthy = httpx.get(f"{base}/healthz", timeout=5)
     assert (healthy.status_code, healthy.json()) == (200, {"status": "ok"})
