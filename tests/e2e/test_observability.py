@@ -126,7 +126,17 @@ def test_metrics_and_health_over_http(
     def metrics() -> str:
         return httpx.get(f"{base}/metrics", timeout=5).text
 
-    wait(lambda: 'notifier_emails_dead_lettered_total{worker="0/1"} 1.0' in metrics(), "metrics")
+    # Counted when decided, before the mark is written: wait for the mark too.
+    wait(
+        lambda: all(
+            line in metrics()
+            for line in (
+                'notifier_emails_dead_lettered_total{worker="0/1"} 1.0',
+                'notifier_in_flight{worker="0/1"} 0.0',
+            )
+        ),
+        "metrics",
+    )
     text = metrics()
     assert 'notifier_emails_sent_total{worker="0/1"} 3.0' in text
     assert 'notifier_send_seconds_count{worker="0/1"} 3.0' in text
