@@ -163,15 +163,31 @@ class Bench:
             f"{name}_cpu_seconds_per_1000": (now[name] - since[name]) / per * 1000 for name in now
         }
 
+    def update_seq(self, database: str) -> int:
+        """The database's count of document writes (PouchDB Server's seqs are integers)."""
+        response = self.client.get(f"/{database}")
+        response.raise_for_status()
+        return int(str(response.json()["update_seq"]).split("-")[0])
+
     def marked(self, database: str) -> int:
         rows = self.client.get(f"/{database}/_all_docs", params={"include_docs": "true"})
         rows.raise_for_status()
         return sum(1 for r in rows.json()["rows"] if r["doc"].get("notifiedRecipient") is True)
 
     def notifier(
-        self, name: str, couch_url: str, database: str, max_parallel: int, **worker: Any
+        self,
+        name: str,
+        couch_url: str,
+        database: str,
+        max_parallel: int,
+        *,
+        shard: tuple[int, int] = (0, 1),
+        checkpoints: str | None = None,
+        **worker: Any,
     ) -> tuple[Daemon, str]:
-        checkpoints = unique_db_name("bench_checkpoints")
+        """A ``notifier run`` of worker ``shard`` (id, count); a fresh checkpoint
+        database unless one is given."""
+        checkpoints = checkpoints or unique_db_name("bench_checkpoints")
         config = {
             "couch": {
                 "url": couch_url,
@@ -184,7 +200,9 @@ class Bench:
         }
         path = self.scratch / f"{database}.toml"
         path.write_text(to_toml(config))
-        argv = [NOTIFIER, "run", "--worker-id", "0", "--config", str(path), "--log-level", "INFO"]
+        worker_id, count = shard
+        argv = [NOTIFIER, "run", "--worker-id", str(worker_id), "--worker-count", str(count)]
+        argv += ["--config", str(path), "--log-level", "INFO"]
         return Daemon(argv, self.log_path(name), ready=NOTIFIER_READY), checkpoints
 
     def naive(self, name: str, database: str) -> tuple[Daemon, str]:
@@ -216,6 +234,7 @@ class Bench:
         kind: str,
         max_parallel: int,
         *,
+        claims: bool = True,
         attach: Callable[[Daemon], Callable[[], None]] | None = None,
     ) -> dict[str, Any]:
         """One run of a worker over N messages written while it waits on its feed.
@@ -226,7 +245,9 @@ class Bench:
         the moment the worker was ready to its exit (after SIGTERM, so the
         last marks and the final checkpoint are included). ``attach`` (a
         profiler) is called once the worker is ready and returns what to call
-        before the worker is stopped.
+        before the worker is stopped. ``claims`` is notifier's ``[worker]
+        claims``; document writes per email come from the database's
+        update_seq (the driver's own write of each message included).
         """
         n = self.args.messages
         database = unique_db_name(f"bench_{kind}")
@@ -236,7 +257,11 @@ class Bench:
             daemon, checkpoints = self.naive(f"naive-{max_parallel}", database)
         else:
             daemon, checkpoints = self.notifier(
-                f"notifier-{max_parallel}", self.pouch.url, database, max_parallel
+                f"notifier-{max_parallel}{'' if claims else '-noclaims'}",
+                self.pouch.url,
+                database,
+                max_parallel,
+                claims=claims,
             )
         try:
             daemon.wait_ready()
@@ -260,6 +285,7 @@ class Bench:
             raise RuntimeError(f"{kind} exited with status {end.status}:\n{end.log[-3000:]}")
         counters = naive_counters(end.stdout) if kind == "naive" else notifier_counters(end.log)
         marked = self.marked(database)
+        writes = self.update_seq(database)
         duplicates = self.smtp.ask("stats")["count"] - n
         for db in (database, checkpoints):
             delete_database(self.pouch.url, db)
@@ -269,6 +295,7 @@ class Bench:
             "couch_requests": counters["couch_requests"],
             "couch_requests_per_email": counters["couch_requests"] / n,
             "checkpoint_writes": counters["checkpoint_writes"],
+            "doc_writes_per_email": writes / n,
             "cpu_seconds_total": end.cpu_seconds,
             "cpu_seconds_work": work_cpu,
             "cpu_seconds_per_1000": work_cpu / n * 1000,
@@ -277,6 +304,64 @@ class Bench:
             "marked": marked,
             "duplicates": duplicates,
             "counters": counters,
+        }
+
+    # -- two layouts at once (a reshard) -------------------------------------------------
+
+    def overlap_run(self, layouts: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+        """N messages while two layouts follow one database: worker 0 of 1 and
+        workers 0 and 1 of 2, max_parallel 50, claims on, one config; as in a reshard."""
+        n = self.args.messages
+        database = unique_db_name("bench_overlap")
+        create_database(self.pouch.url, database)
+        checkpoints = unique_db_name("bench_checkpoints")
+        self.smtp.reset()
+        daemons: list[Daemon] = []
+        try:
+            for shard in [(i, m) for m in layouts for i in range(m)]:
+                name = "overlap-{}-of-{}".format(*shard)
+                args = (name, self.pouch.url, database, 50)
+                daemons.append(self.notifier(*args, shard=shard, checkpoints=checkpoints)[0])
+                daemons[-1].wait_ready()
+            time.sleep(SETTLE)
+            cpu_ready = sum(d.cpu_seconds() for d in daemons)
+            servers_ready = self.servers_cpu()
+            self.seed(database, (message(i) for i in range(n)))
+            got = self.smtp.wait(n, timeout=max(60.0, n / 20))
+            if got["count"] < n:
+                raise RuntimeError(f"only {got['count']} of {n} emails arrived")
+            # The layout that loses the claims lags behind on the feed: stop
+            # once all three are idle, so that its catching up is counted.
+            idle_at = wait_idle(daemons)
+        except BaseException:
+            for d in daemons:
+                d.kill()
+            raise
+        ends = [d.stop() for d in daemons]
+        servers = self.servers_cpu(since=servers_ready, per=n)
+        if any(e.status != 0 for e in ends):
+            raise RuntimeError(
+                f"a worker failed: {[e.status for e in ends]}\n{ends[0].log[-3000:]}"
+            )
+        counters = [notifier_counters(e.log) for e in ends]
+        total = {k: sum(c.get(k, 0) for c in counters) for k in COUNTED}
+        marked, writes = self.marked(database), self.update_seq(database)
+        for db in (database, checkpoints):
+            delete_database(self.pouch.url, db)
+        return {
+            "emails_per_second": (n - 1) / (got["last"] - got["first"]),
+            "couch_requests_per_email": total["couch_requests"] / n,
+            "doc_writes_per_email": writes / n,
+            "cpu_seconds_per_1000": (sum(e.cpu_seconds for e in ends) - cpu_ready) / n * 1000,
+            **servers,
+            "marked": marked,
+            "duplicates": self.smtp.ask("stats")["count"] - n,
+            **total,
+            "catch_up_seconds": max(0.0, idle_at - got["last"]),
+            "sent_by_layout_1": counters[0]["sent"],
+            "sent_by_layout_2": total["sent"] - counters[0]["sent"],
+            "counters": counters,
+            "cpu_seconds_by_worker": [e.cpu_seconds for e in ends],
         }
 
     # -- 4: the SMTP sink's ceiling ---------------------------------------------------
@@ -413,9 +498,7 @@ class Bench:
                     "seconds": got["first"] - got["first_connection"],
                     "seconds_with_startup": got["first"] - daemon.started,
                     "raw_filtered_seconds": raw,
-                    # The log shows the seq with repr(): quotes around a string.
-                    "checkpoint_at_end": str(counters.get("checkpoint")).strip("'\"")
-                    == str(sentinel_seq),
+                    "checkpoint_at_end": past(counters.get("checkpoint"), sentinel_seq),
                     "final_checkpoint": counters.get("checkpoint"),
                     "sentinel_seq": sentinel_seq,
                     "couch_requests": counters.get("couch_requests"),
@@ -528,6 +611,31 @@ class Bench:
         }
 
 
+def past(checkpoint: Any, seq: Any) -> bool:
+    """Whether notifier's final checkpoint is `seq` or after it. The log shows
+    the seq with repr(): quotes around a string. With claims on, the echoes of
+    the claim and the mark come after the message's own row."""
+    checkpoint = str(checkpoint).strip("'\"")
+    if checkpoint == str(seq):
+        return True
+    number = checkpoint.split("-")[0]
+    return number.isdigit() and int(number) >= int(str(seq).split("-")[0])
+
+
+def wait_idle(daemons: list[Daemon], window: float = 0.5, timeout: float = 120.0) -> float:
+    """Wait until the daemons together use at most 20 ms of CPU in `window`
+    seconds (two clock ticks); return when that window began."""
+    deadline = time.monotonic() + timeout
+    before = sum(d.cpu_seconds() for d in daemons)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = sum(d.cpu_seconds() for d in daemons)
+        if now - before <= 0.02:
+            return time.monotonic() - window
+        before = now
+    raise RuntimeError(f"the workers were still busy after {timeout:g} s")
+
+
 def percentile(values: list[float], p: float) -> float:
     """The p-th percentile of sorted values, by linear interpolation."""
     k = (len(values) - 1) * p / 100
@@ -538,11 +646,16 @@ def percentile(values: list[float], p: float) -> float:
 
 # -- putting it together -----------------------------------------------------------------
 
+#: key, worker, max_parallel, notifier's [worker] claims
 WORKER_ROWS = [
-    ("baseline", "naive", 5),
-    ("notifier_5", "notifier", 5),
-    ("notifier_50", "notifier", 50),
+    ("baseline", "naive", 5, True),
+    ("notifier_5", "notifier", 5, True),
+    ("notifier_50", "notifier", 50, True),
+    ("notifier_5_noclaims", "notifier", 5, False),
+    ("notifier_50_noclaims", "notifier", 50, False),
 ]
+#: The counters of notifier's final log line that the overlap run adds up.
+COUNTED = ("sent", "couch_requests", "claims_lost", "claim_waits", "takeovers")
 
 
 def run_all(args: argparse.Namespace, results: dict[str, Any], scratch: Path) -> list[str]:
@@ -569,14 +682,18 @@ def run_all(args: argparse.Namespace, results: dict[str, Any], scratch: Path) ->
 
     with Bench(args, scratch) as bench:
         results["machine"]["pouchdb_server"] = pouchdb_version(bench)
-        runs: dict[str, list[dict[str, Any]]] = {
-            k: [] for k in ("baseline", "notifier_5", "notifier_50", "smtp", "couch")
-        }
+        keys = [row[0] for row in WORKER_ROWS] + ["overlap", "smtp", "couch"]
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
         # Round robin, so that a noisy neighbour hurts every row alike.
         for r in range(args.runs):
             print(f"round {r + 1} of {args.runs}, {args.messages} messages each")
-            for key, kind, parallel in WORKER_ROWS:
-                run = attempt(key, lambda k=kind, p=parallel: bench.worker_run(k, p))
+            steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                (key, lambda k=kind, p=parallel, c=claims: bench.worker_run(k, p, claims=c))
+                for key, kind, parallel, claims in WORKER_ROWS
+            ]
+            steps.append(("overlap", bench.overlap_run))
+            for key, step in steps:
+                run = attempt(key, step)
                 if run:
                     runs[key].append(run)
                     if run["marked"] != args.messages or run["duplicates"]:

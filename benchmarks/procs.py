@@ -211,6 +211,10 @@ class Daemon:
 
 _FINAL = {
     "sent": re.compile(r"stopped: sent (\d+)"),
+    # Absent from the line before claims existed.
+    "claims_lost": re.compile(r"claims lost (\d+)"),
+    "claim_waits": re.compile(r"waited for (\d+)"),
+    "takeovers": re.compile(r"taken over (\d+)"),
     "couch_requests": re.compile(r"couch_requests=(\d+)"),
     "checkpoint_writes": re.compile(r"checkpoint_writes=(\d+)"),
     "checkpoint": re.compile(r"checkpoint=(\S+)\s*$", re.MULTILINE),

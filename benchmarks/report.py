@@ -19,9 +19,31 @@ ROWS = [
     ("baseline", "baseline: naive worker, 5 in flight"),
     ("notifier_5", "notifier, max_parallel 5"),
     ("notifier_50", "notifier, max_parallel 50"),
+    ("notifier_5_noclaims", "notifier, max_parallel 5, claims off"),
+    ("notifier_50_noclaims", "notifier, max_parallel 50, claims off"),
     ("smtp", "SMTP sink ceiling: aiosmtplib, 50 reused connections"),
     ("couch", "PouchDB Server ceiling: `_bulk_docs` updates, 100 a request"),
 ]
+#: Rows that a results file from before claims does not have at all.
+CLAIM_ROWS = ("notifier_5_noclaims", "notifier_50_noclaims", "overlap")
+
+
+def has_claims(results: dict[str, Any]) -> bool:
+    """Whether the run measured claims on and off (a results file from before
+    claims has neither the rows nor the figures)."""
+    return any(k in results.get("runs", {}) for k in CLAIM_ROWS)
+
+
+def row_labels(results: dict[str, Any]) -> dict[str, str]:
+    """The rows of the tables this results file has, with their labels."""
+    runs = results.get("runs", {})
+    labels = {k: v for k, v in ROWS if k not in CLAIM_ROWS or k in runs}
+    if has_claims(results):
+        for key in ("notifier_5", "notifier_50"):
+            labels[key] += ", claims on"
+    if results["settings"].get("naive_reuse_smtp"):
+        labels["baseline"] += ", reused SMTP connections"
+    return labels
 
 
 def _num(value: Any, digits: int = 0, unit: str = "") -> str:
@@ -53,9 +75,7 @@ def best_notifier(summary: dict[str, Any]) -> str | None:
 
 def main_table(results: dict[str, Any]) -> str:
     summary = results.get("summary", {})
-    labels = dict(ROWS)
-    if results["settings"].get("naive_reuse_smtp"):
-        labels["baseline"] += ", reused SMTP connections"
+    labels = row_labels(results)
     base = summary.get("baseline", {}).get("emails_per_second")
     rows = []
     for key, label in labels.items():
@@ -110,7 +130,7 @@ def cpu_table(results: dict[str, Any]) -> str:
     """CPU seconds per 1,000 emails of each process, for each row of the main table."""
     summary = results.get("summary", {})
     rows = []
-    for key, label in ROWS:
+    for key, label in row_labels(results).items():
         s = summary.get(key)
         if s is None:
             continue
@@ -125,6 +145,70 @@ def cpu_table(results: dict[str, Any]) -> str:
             "SMTP sink",
             "PouchDB",
             "all",
+        ],
+        rows,
+    )
+
+
+def claims_table(results: dict[str, Any]) -> str:
+    """Each notifier row with claims on next to the same row with claims off."""
+    summary = results.get("summary", {})
+    figures = [
+        ("emails/s", "emails_per_second", 0),
+        ("CouchDB requests / email", "couch_requests_per_email", 3),
+        ("document writes / email (the driver's included)", "doc_writes_per_email", 2),
+        ("notifier CPU s / 1,000 emails", "cpu_seconds_per_1000", 2),
+        ("PouchDB CPU s / 1,000 emails", "pouchdb_cpu_seconds_per_1000", 2),
+        ("SMTP sink CPU s / 1,000 emails", "sink_cpu_seconds_per_1000", 2),
+    ]
+    headers = ["figure"]
+    for parallel in (5, 50):
+        headers += [f"max_parallel {parallel}: claims on", "claims off", "on / off"]
+    rows = []
+    for name, field, digits in figures:
+        row = [name]
+        for parallel in (5, 50):
+            on = summary.get(f"notifier_{parallel}", {}).get(field)
+            off = summary.get(f"notifier_{parallel}_noclaims", {}).get(field)
+            ratio = f"{on / off:.2f}" if on is not None and off else "-"
+            row += [_num(on, digits), _num(off, digits), ratio]
+        rows.append(row)
+    return table(headers, rows)
+
+
+def overlap_table(results: dict[str, Any]) -> str:
+    """Two layouts on one database at once: the cost of a reshard while it lasts."""
+    o = results.get("summary", {}).get("overlap")
+    runs = results.get("runs", {}).get("overlap") or []
+    if o is None or not runs:
+        return "The overlap run failed: no figures."
+    alone = results.get("summary", {}).get("notifier_50", {})
+
+    def versus(field: str, digits: int) -> str:
+        base = alone.get(field)
+        return f"{_num(o[field], digits)} ({o[field] / base:.2f}x)" if base else _num(o[field])
+
+    rows = [
+        ["emails/s at the sink", versus("emails_per_second", 0)],
+        ["CouchDB requests / email, three workers", versus("couch_requests_per_email", 3)],
+        ["document writes / email (the driver's included)", _num(o["doc_writes_per_email"], 2)],
+        ["notifier CPU s / 1,000 emails, three workers", versus("cpu_seconds_per_1000", 2)],
+        ["PouchDB CPU s / 1,000 emails", versus("pouchdb_cpu_seconds_per_1000", 2)],
+        [
+            "claims lost (409) / waits for a claim / taken over",
+            f"{_num(o['claims_lost'])} / {_num(o['claim_waits'])} / {_num(o['takeovers'])}",
+        ],
+        ["seconds from the last email until all three were idle", _num(o["catch_up_seconds"], 1)],
+        [
+            "sent by the 1-worker layout / the 2-worker layout",
+            f"{_num(o['sent_by_layout_1'])} / {_num(o['sent_by_layout_2'])}",
+        ],
+        ["duplicate emails, most in a round", _num(max(r["duplicates"] for r in runs))],
+    ]
+    return table(
+        [
+            "overlap: worker 0 of 1 and workers 0, 1 of 2",
+            "value (x max_parallel 50, claims on, alone)",
         ],
         rows,
     )
@@ -299,6 +383,7 @@ def render_text(results: dict[str, Any]) -> str:
         "",
         cpu_table(results),
         "",
+        *([claims_table(results), "", overlap_table(results), ""] if has_claims(results) else []),
         other_table(results),
         "",
         targets_table(results),
@@ -324,10 +409,56 @@ def _kept_analysis() -> str:
     return f"{BEGIN}\n\n(No analysis written yet.)\n\n{END}"
 
 
+def _claims_section(results: dict[str, Any]) -> str:
+    if not has_claims(results):
+        return ""
+    return f"""
+## Claims
+
+Each notifier row above runs with claims on (`[worker] claims = true`, the
+default), measured next to the same row with claims off, in the same rounds:
+
+{claims_table(results)}
+
+Two layouts at once on one database, as while a reshard overlaps them:
+worker 0 of 1 and workers 0 and 1 of 2, each a `notifier run` of its own
+with the same config (max_parallel 50, claims on); figures for the three
+processes together, against the max_parallel 50 row with claims on:
+
+{overlap_table(results)}
+"""
+
+
+def _claims_method(results: dict[str, Any]) -> str:
+    if not has_claims(results):
+        return ""
+    n = results["settings"]["messages"]
+    return f"""- **Claims on and off**: the two notifier rows run as configured by
+  default (claims on) and again with `claims = false` in `[worker]`, in the
+  same rounds. **Document writes / email** is the database's `update_seq`
+  at the end divided by N: the driver's write of each message, the claim
+  (with claims on) and the mark.
+- **Overlap**: three `notifier run` processes on one database and one
+  checkpoint database, started one after the other (`--worker-id 0
+  --worker-count 1`, then `0` and `1` of `2`), each waited for until ready;
+  then {n:,} messages as for the workers at load. emails/s is timed at the
+  sink; requests and CPU (from ready to exit) are the three processes'
+  sums. The layout that loses the claims lags behind on the feed, so the
+  workers are stopped only once all three are idle (at most 20 ms of CPU
+  in half a second); the seconds from the last email to then are shown.
+  **Duplicate emails** are the sink's count beyond N once all three have
+  exited.
+"""
+
+
 def render_docs(results: dict[str, Any]) -> str:
     m = results["machine"]
     s = results["settings"]
     backlog = s["backlog"]
+    labels = row_labels(results)
+    workers = sum(1 for k in labels if k not in ("smtp", "couch"))
+    turns = {3: "three", 5: "five"}.get(workers, str(workers))
+    overlap = " and the overlap" if has_claims(results) else ""
     return f"""# Performance
 
 Generated by `benchmarks/bench.py` from its JSON output; edit the analysis
@@ -360,7 +491,7 @@ worker's ready line to its exit (the two cores are shared by all of them;
 PouchDB Server's share includes the driver writing the messages):
 
 {cpu_table(results)}
-
+{_claims_section(results)}
 ## Memory, catch-up, latency, idle cost
 
 {other_table(results)}
@@ -378,7 +509,7 @@ Server {m.get("pouchdb_server")} (`--in-memory`), the SMTP sink
 (`benchmarks/smtp_sink.py`: aiosmtpd, which accepts every message and keeps
 only a recipient and a time), the worker under test, and the driver
 (`benchmarks/bench.py`). Times are `CLOCK_MONOTONIC`, which all processes
-share. Each run uses fresh databases. The three worker rows and the two
+share. Each run uses fresh databases. The {turns} worker rows{overlap} and the two
 ceilings take turns (round robin), so a noisy neighbour hits every row alike.
 
 - **Workers at load.** The worker starts on an empty database; once it
@@ -401,7 +532,7 @@ ceilings take turns (round robin), so a noisy neighbour hits every row alike.
   connection close are in; divided by N, times 1,000.
 - **Peak RSS**: `VmHWM` from `/proc/<pid>/status`, read after the Nth email
   and before SIGTERM.
-- **SMTP sink ceiling**: the driver sends the same N emails (built before
+{_claims_method(results)}- **SMTP sink ceiling**: the driver sends the same N emails (built before
   the clock starts) over 50 reused aiosmtplib connections, timed at the sink
   like the workers. It is the sink's ceiling as a plain Python client sees
   it; client and sink share the machine's two cores, as notifier and sink do.
@@ -420,9 +551,10 @@ ceilings take turns (round robin), so a noisy neighbour hits every row alike.
   until the sentinel's. notifier is timed
   from its first SMTP connection (its start-up check, made just before it
   opens the feed) to the sentinel's acceptance; its final checkpoint must be
-  the sentinel's seq. The comparison is a plain httpx streaming loop reading
-  the same filtered feed (same parameters) from 0 to the sentinel's row,
-  in the same run; the unfiltered feed, docs included, is shown for scale.
+  the sentinel's seq or a later one (the echo of its claim). The comparison
+  is a plain httpx streaming loop reading the same filtered feed (same
+  parameters) from 0 to the sentinel's row, in the same run; the
+  unfiltered feed, docs included, is shown for scale.
 - **Latency at idle**: notifier (max_parallel 50, default timings) idles on
   an empty database; {s["latency_docs"]} docs are written one at a time with a
   PUT, 50 ms apart. Latency runs from just before each PUT to the sink's
