@@ -24,12 +24,13 @@ least twice the SMTP timeout, so a send ends before its claim can expire.
 The claim is an extra write per message, but it goes out in the same
 ``_bulk_docs`` batches as the marks (:class:`~notifier.marker.BulkWriter`).
 The decision about a claim (:func:`assess`) is pure; :class:`ClaimPoller`
-re-reads the documents that other workers hold, many per request.
+re-reads the documents that other workers claimed, many per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import socket
@@ -167,27 +168,35 @@ def without_claim(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ClaimPoller:
-    """Re-reads documents that other workers hold claims on, many in one request.
+    """Re-reads documents that other workers claimed, many in one ``_all_docs`` request.
 
-    ``await read(doc_id)`` answers with the document as it is at the next
-    poll, at most ``interval`` seconds from now: a waiting worker looks again
-    without each message costing a request of its own.
+    ``await read(doc_id, within=...)`` answers with the document as it is at
+    the next poll, at most ``within`` seconds from now. A worker that lost a
+    claim race re-reads at once (a short ``within``); one that waits for
+    another worker's live claim looks again every half second or so. Either
+    way, the messages that wait together cost one request, not one each.
     """
 
-    def __init__(self, couch: CouchClient, *, database: str, interval: float = 0.5) -> None:
+    def __init__(self, couch: CouchClient, *, database: str) -> None:
         self._couch = couch
         self._database = database
-        self.interval = interval
         self._waiting: dict[str, list[asyncio.Future[Doc | None]]] = {}
+        self._deadline: float | None = None
+        self._sooner = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.polls = 0
 
     def __repr__(self) -> str:
         return f"<ClaimPoller {self._database} waiting={len(self._waiting)} polls={self.polls}>"
 
-    async def read(self, doc_id: str) -> Doc | None:
-        future: asyncio.Future[Doc | None] = asyncio.get_running_loop().create_future()
+    async def read(self, doc_id: str, *, within: float) -> Doc | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Doc | None] = loop.create_future()
         self._waiting.setdefault(doc_id, []).append(future)
+        deadline = loop.time() + within
+        if self._deadline is None or deadline < self._deadline:
+            self._deadline = deadline
+            self._sooner.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         return await future
@@ -198,9 +207,15 @@ class ClaimPoller:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._waiting:
-            await asyncio.sleep(self.interval)
-            batch, self._waiting = self._waiting, {}
+            # Sleep until the nearest deadline; a read that needs an answer
+            # sooner moves it and wakes this loop.
+            while self._deadline is not None and (delay := self._deadline - loop.time()) > 0:
+                self._sooner.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sooner.wait(), timeout=delay)
+            batch, self._waiting, self._deadline = self._waiting, {}, None
             self.polls += 1
             try:
                 docs = await self._couch.get_docs(self._database, list(batch))

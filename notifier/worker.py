@@ -82,6 +82,11 @@ SELECTOR: Mapping[str, Any] = {
 #: The buffer holds far fewer rows than this.
 RECENT_LIMIT = 10_000
 
+#: Seconds between looks at a message while another worker holds its claim.
+CLAIM_POLL = 0.5
+#: Seconds a re-read after a lost claim race waits for others to join its request.
+REREAD_DELAY = 0.02
+
 #: Seconds the final checkpoint write may take at shutdown, so the whole stop
 #: stays within drain_timeout plus a little (systemd's TimeoutStopSec).
 FINAL_CHECKPOINT_TIMEOUT = 10.0
@@ -449,7 +454,11 @@ class Worker:
             done = asyncio.Event()
             self._active[doc_id] = done
             try:
-                if waited or doc is None or doc_id in self._recent:
+                if waited:
+                    # Most likely settled by now; during an overlap many
+                    # rows wait like this, so they are re-read in batches.
+                    doc = await self._look_again(doc_id, within=REREAD_DELAY)
+                elif doc is None or doc_id in self._recent:
                     doc = await self._couch_call(
                         self._couch.get_doc, self.settings.database, doc_id
                     )
@@ -475,7 +484,7 @@ class Worker:
                 if verdict.verdict is Verdict.HELD:
                     self.stats.claim_waits += 1
                     log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
-                    doc = await self._look_again(doc_id)
+                    doc = await self._look_again(doc_id, within=CLAIM_POLL)
                     continue
                 if verdict.verdict is Verdict.ABANDONED:
                     self.stats.takeovers += 1
@@ -484,11 +493,11 @@ class Worker:
                     try:
                         doc = await self._claim(doc)
                     except DocumentConflict:
-                        # Another worker claimed or settled it first, or a user edited it.
+                        # Another worker claimed or settled it first, or a user
+                        # edited it. Re-read in a batch with the others that
+                        # lost a race: during an overlap that is half of them.
                         self.stats.claim_conflicts += 1
-                        doc = await self._couch_call(
-                            self._couch.get_doc, self.settings.database, doc_id
-                        )
+                        doc = await self._look_again(doc_id, within=REREAD_DELAY)
                         continue
             try:
                 doc, fields = await self._deliver(doc)
@@ -500,10 +509,10 @@ class Worker:
             return
         self.stats.skipped += 1
 
-    async def _look_again(self, doc_id: str) -> Mapping[str, Any] | None:
+    async def _look_again(self, doc_id: str, *, within: float) -> Mapping[str, Any] | None:
         """The doc as of the next poll; given up at once when the worker stops,
         since nothing of ours is in flight for it."""
-        read = asyncio.ensure_future(self._couch_call(self._poller.read, doc_id))
+        read = asyncio.ensure_future(self._couch_call(self._poller.read, doc_id, within=within))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
