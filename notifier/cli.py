@@ -3,7 +3,8 @@
 Exit statuses (documented in README.md; systemd units rely on them):
 
 ====  =========================================================================
-0     clean stop (SIGINT or SIGTERM, in-flight work drained); check/status: all good
+0     clean stop (SIGINT or SIGTERM, in-flight work drained); check, status,
+      prune-checkpoints: all good
 1     status: at least one worker is stale
 2     bad command line
 65    render: the document would be dead-lettered (the reason is printed)
@@ -43,6 +44,7 @@ from notifier.errors import (
     NotifierError,
     PermanentDeliveryError,
 )
+from notifier.prune import prune_checkpoints
 from notifier.runner import EXIT_FORCED, build_composer, run_worker
 from notifier.shard import Shard
 from notifier.status import gather_status
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
             "message document, once."
         ),
         epilog=(
-            "exit statuses: 0 clean stop, 2 bad command line, "
+            "exit statuses: 0 clean stop (check, status, prune-checkpoints: all good), "
+            "1 status: a worker is stale, 2 bad command line, "
             "65 render: undeliverable document, 69 CouchDB error, "
             "70 crash, 75 lease lost, 76 SMTP error, 77 credentials or permissions refused, "
             "78 configuration error, 130 forced stop (second signal)"
@@ -141,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status",
-        help="show every worker's checkpoint, lag estimate and lease",
+        help="show every worker's checkpoint, lag estimate and lease, and each layout's state",
         description=(
             "List the checkpoint of every worker of every layout (worker count), when it "
-            "was written, an estimate of the changes after it, and who holds its lease. "
-            "Exits 1 when a worker is stale: changes after a checkpoint older than "
-            "--stale-after."
+            "was written, an estimate of the changes after it, and who holds its lease; and "
+            "for each layout whether it runs, when it last ran, which is current (the newest "
+            "running) and which are retired (no run for [worker] retire_after while another "
+            "layout has run since). Exits 1 when a worker is stale: changes after a "
+            "checkpoint older than --stale-after (a retired layout is never stale)."
         ),
     )
     config_option(status)
@@ -158,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="age after which a checkpoint with changes after it is stale (default %(default)s)",
     )
+
+    prune = commands.add_parser(
+        "prune-checkpoints",
+        help="delete the checkpoint and lease documents of retired layouts",
+        description=(
+            "Delete the checkpoint and lease documents of every retired layout: one none "
+            "of whose workers has run for [worker] retire_after while another layout has "
+            "run since (notifier status marks them). A layout with a live lease, or one "
+            "that is not retired, is never touched; the report says why. If a worker of a "
+            "deleted layout is ever started again, it starts from the beginning of the "
+            "feed, which is safe: marked messages are never sent again."
+        ),
+    )
+    config_option(prune)
+    prune.add_argument(
+        "--dry-run", action="store_true", help="show what would be deleted; delete nothing"
+    )
+    prune.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     render = commands.add_parser(
         "render",
@@ -196,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(state.to_json(), indent=2) if args.json else state.render())
             if state.any_stale:
                 return EXIT_STALE
+        elif args.command == "prune-checkpoints":
+            pruned = run_async(prune_checkpoints(config, dry_run=args.dry_run))
+            if args.json:
+                print(json.dumps(pruned.to_json(), indent=2))
+            else:
+                print(pruned.render(), end="")
         elif args.command == "render":
             return render_document(config, args.doc)
     except ConfigError as e:

@@ -9,10 +9,17 @@ checkpoint database, and renews it every third of ``lease_ttl``. CouchDB's
 a 409.
 
 A second process finds the lease held and waits as a standby, re-checking
-until the holder releases it (a clean stop deletes it), lets it expire, or is
-seen to be gone: a holder on *this* host whose pid no longer exists (a crash,
-SIGKILL, before systemd restarts the unit) is taken over at once, so a
-restart does not wait out the TTL.
+until the holder releases it, lets it expire, or is seen to be gone: a holder
+on *this* host whose pid no longer exists (a crash, SIGKILL, before systemd
+restarts the unit) is taken over at once, so a restart does not wait out the
+TTL.
+
+The lease document also records when its slot ran: ``started_at`` (epoch
+seconds) is when the holding process took it, kept across renewals, and a
+clean stop does not delete the document but overwrites it with a *released*
+marker (``released_at``, no ``run_id``), which is free to take at once. So
+``notifier status`` can tell when each layout started and last ran, even
+after it stopped (see :mod:`notifier.layout`).
 
 A holder that cannot renew before its lease expires (it was paused, or cut off
 from CouchDB) must assume another process took over: it raises
@@ -86,9 +93,17 @@ def free_to_take(
     'the lease expired'
     >>> free_to_take({**held, "host": "h1"}, me=me, now=100.0, alive=lambda pid: False)
     'its holder (pid 1 on this host) is gone'
+
+    A released lease is free at once, whatever the clocks say:
+
+    >>> released = {"host": "h2", "pid": 1, "released_at": 120.0, "expires_at": 120.0}
+    >>> free_to_take(released, me=me, now=100.0)
+    'it was released'
     """
     if lease is None:
         return "no lease yet"
+    if is_released(lease):
+        return "it was released"
     if lease.get("run_id") == me.run_id:
         return "it is ours"
     expires_at = lease.get("expires_at")
@@ -97,6 +112,20 @@ def free_to_take(
     if holder_is_gone(lease, host=me.host, alive=alive):
         return f"its holder (pid {lease.get('pid')} on this host) is gone"
     return None
+
+
+def is_released(lease: Mapping[str, Any]) -> bool:
+    """Whether the lease was given up by a clean stop (nobody holds it).
+
+    >>> is_released({"released_at": 120.0, "host": "h"}), is_released({"run_id": "a"})
+    (True, False)
+    """
+    released_at = lease.get("released_at")
+    return (
+        "run_id" not in lease
+        and isinstance(released_at, int | float)
+        and not isinstance(released_at, bool)
+    )
 
 
 def holder_is_gone(
@@ -149,6 +178,10 @@ class Lease:
         self._rev: str | None = None
         self.expires_at = 0.0
         self.renewals = 0
+        #: When this process took the lease (epoch seconds); ``None`` until then.
+        self.started_at: float | None = None
+        #: Set once this process has taken the lease.
+        self.taken = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -173,6 +206,7 @@ class Lease:
                 except DocumentConflict:
                     continue  # another process won the race for it: look again
                 log.info("worker %s: took the lease (%s)", self._shard, reason)
+                self.taken.set()
                 return True
             assert current is not None
             who = f"{current.get('host')} pid {current.get('pid')}"
@@ -184,7 +218,7 @@ class Lease:
                     self._shard,
                     who,
                 )
-            # Look again soon: a clean stop deletes the lease, and a standby
+            # Look again soon: a clean stop releases the lease, and a standby
             # should take over within a second, not at the next expiry. A GET a
             # second per standby costs CouchDB nothing.
             remaining = float(current.get("expires_at", 0)) - self._clock()
@@ -217,7 +251,7 @@ class Lease:
                 "have taken over"
             )
         try:
-            await self._write({"_id": self.doc_id, "_rev": self._rev})
+            await self._write({"_id": self.doc_id, "_rev": self._rev}, started_at=self.started_at)
         except DocumentConflict:
             raise LeaseLost(
                 f"worker {self._shard}: another process took over the lease "
@@ -226,13 +260,29 @@ class Lease:
         self.renewals += 1
 
     async def release(self) -> None:
-        """Give the lease up, so a standby can take over at once."""
+        """Give the lease up, so a standby can take over at once.
+
+        The document stays, marked released, so that when this slot last ran
+        (and when it started) is still known after the stop.
+        """
         if self._rev is None:
             return
         rev, self._rev = self._rev, None
-        # A conflict means someone else holds it now: it is not ours to delete.
+        now = self._clock()
+        doc: dict[str, Any] = {
+            "_id": self.doc_id,
+            "_rev": rev,
+            "released_at": now,
+            "host": self.holder.host,
+            "pid": self.holder.pid,
+            "worker_id": self._shard.worker_id,
+            "worker_count": self._shard.worker_count,
+            "started_at": self.started_at,
+            "expires_at": now,
+        }
+        # A conflict means someone else holds it now: it is not ours to release.
         with contextlib.suppress(DocumentConflict):
-            await self._couch.delete_doc(self._database, self.doc_id, rev)
+            await self._couch.put_doc(self._database, doc)
 
     async def _read(self) -> Mapping[str, Any] | None:
         try:
@@ -244,9 +294,16 @@ class Lease:
         await self._couch.create_database(self._database)
         return None
 
-    async def _write(self, current: Mapping[str, Any] | None) -> None:
-        """Write the lease over ``current``; its ``_rev`` decides (DocumentConflict)."""
+    async def _write(
+        self, current: Mapping[str, Any] | None, *, started_at: float | None = None
+    ) -> None:
+        """Write the lease over ``current``; its ``_rev`` decides (DocumentConflict).
+
+        ``started_at`` is kept from the first write; ``None`` means "now".
+        """
         now = self._clock()
+        if started_at is None:
+            started_at = now
         doc: dict[str, Any] = {
             "_id": self.doc_id,
             "run_id": self.holder.run_id,
@@ -254,6 +311,7 @@ class Lease:
             "pid": self.holder.pid,
             "worker_id": self._shard.worker_id,
             "worker_count": self._shard.worker_count,
+            "started_at": started_at,
             "expires_at": now + self.ttl,
             "renewed_at": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="seconds"),
         }
@@ -261,3 +319,4 @@ class Lease:
             doc["_rev"] = current["_rev"]
         self._rev = await self._couch.put_doc(self._database, doc)
         self.expires_at = now + self.ttl
+        self.started_at = started_at

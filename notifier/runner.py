@@ -4,6 +4,10 @@ The clients are async context managers owned here, so they close after the
 worker's own shutdown (stop reading, drain, cancel, final checkpoint), SMTP
 first, then HTTP.
 
+Beside the worker run two advisory tasks, cancelled once it has stopped: the
+systemd reporter, and the look-out for a newer layout
+(:class:`~notifier.layout.LayoutWatch`), which only logs.
+
 Signals: the first SIGINT or SIGTERM asks the worker to stop gracefully; a
 second one ends the process at once with exit status 130. What was in flight
 then is sent again after a restart (the checkpoint never passed it).
@@ -20,6 +24,7 @@ from collections.abc import Callable
 
 import httpx
 
+from notifier import layout
 from notifier.checkpoint import CheckpointStore
 from notifier.config import Config, parse_listen
 from notifier.couch import CouchClient
@@ -122,12 +127,24 @@ async def run_worker(
                 if config.metrics.listen is not None:
                     host, port = parse_listen(config.metrics.listen)
                     await stack.enter_async_context(Observability(worker, host=host, port=port))
-                reporter = asyncio.create_task(_report_to_systemd(worker, systemd))
+                watch = layout.LayoutWatch(
+                    couch,
+                    checkpoint_database=config.couch.checkpoint_database,
+                    database=config.couch.database,
+                    shard=shard,
+                    lease=lease,
+                    interval=layout.CHECK_INTERVAL,
+                )
+                helpers = [
+                    asyncio.create_task(_report_to_systemd(worker, systemd)),
+                    asyncio.create_task(watch.run()),
+                ]
                 try:
                     await worker.run()
                 finally:
-                    reporter.cancel()
-                    await asyncio.gather(reporter, return_exceptions=True)
+                    for task in helpers:
+                        task.cancel()
+                    await asyncio.gather(*helpers, return_exceptions=True)
         finally:
             if handle_signals:
                 _remove_signal_handlers()

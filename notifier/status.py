@@ -1,32 +1,41 @@
-"""``notifier status``: every worker's checkpoint, lag and lease.
+"""``notifier status``: every worker's checkpoint, lag and lease, and every layout's state.
 
 :func:`gather_status` reads the checkpoint and lease documents of every
 worker of every layout (worker count) and estimates how far each worker is
-behind. It only reads.
+behind. Each layout is shown as running or stopped, with when it last ran;
+the newest running one is *current*, and one that has not run for
+``[worker] retire_after`` while another has run since is *retired* (never
+stale; ``notifier prune-checkpoints`` deletes its documents). It only reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
 
 from notifier.config import Config
-from notifier.couch import CouchClient, is_missing_database, seq_param, short_reason
-from notifier.errors import (
-    CouchError,
-    CouchFatalError,
+from notifier.couch import CouchClient, seq_param, short_reason
+from notifier.errors import CouchError
+from notifier.layout import (
+    LayoutRun,
+    format_duration,
+    iso_time,
+    layout_states,
+    lease_is_live,
+    parse_time,
+    read_slot_docs,
+    slot_last_ran,
+    workers_text,
 )
-from notifier.lease import holder_is_gone
+from notifier.lease import holder_is_gone, is_released
 from notifier.tracker import Seq
 
 __all__ = ["LayoutStatus", "LeaseInfo", "StatusReport", "WorkerStatus", "gather_status"]
@@ -47,20 +56,33 @@ class LeaseInfo:
     expires_in: float | None
     #: The holder is on this host and its pid no longer exists (a crash).
     holder_gone: bool
+    #: When the (last) holder took the lease, epoch seconds.
+    started_at: float | None = None
+    #: When a clean stop released it, epoch seconds; ``None`` while it is held.
+    released_at: float | None = None
+    #: Seconds since it was released, at the time of the report.
+    released_ago: float | None = None
 
     @property
     def live(self) -> bool:
-        return self.expires_in is not None and self.expires_in > 0 and not self.holder_gone
+        return (
+            self.released_at is None
+            and self.expires_in is not None
+            and self.expires_in > 0
+            and not self.holder_gone
+        )
 
     def describe(self) -> str:
         who = f"{self.host or '?'} pid {self.pid if self.pid is not None else '?'}"
+        if self.released_at is not None:
+            return f"released {format_duration(self.released_ago or 0.0)} ago ({who})"
         if self.expires_in is None:
             return f"{who}, no expiry (malformed lease)"
         if self.expires_in <= 0:
-            return f"expired {_duration(-self.expires_in)} ago ({who})"
+            return f"expired {format_duration(-self.expires_in)} ago ({who})"
         if self.holder_gone:
-            return f"{who} is gone (lease would expire in {_duration(self.expires_in)})"
-        return f"{who}, expires in {_duration(self.expires_in)}"
+            return f"{who} is gone (lease would expire in {format_duration(self.expires_in)})"
+        return f"{who}, expires in {format_duration(self.expires_in)}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +91,8 @@ class LeaseInfo:
             "expires_at": self.expires_at,
             "expires_in": _round(self.expires_in),
             "renewed_at": self.renewed_at,
+            "started_at": self.started_at,
+            "released_at": self.released_at,
             "live": self.live,
             "holder_gone": self.holder_gone,
         }
@@ -82,7 +106,9 @@ class WorkerStatus:
     (any document, any shard), ``None`` where the server does not report it;
     ``behind`` says whether there is at least one change after it, which every
     server tells. ``stale`` is true when there are changes after the
-    checkpoint and the checkpoint is older than ``stale_after``.
+    checkpoint and the checkpoint is older than ``stale_after``, unless the
+    layout is retired. ``last_ran`` is when the slot last ran (the report's
+    time while its lease is live).
     """
 
     worker_id: int
@@ -99,10 +125,11 @@ class WorkerStatus:
     pending_note: str | None
     lease: LeaseInfo | None
     stale: bool
+    last_ran: float | None = None
 
     @property
     def state(self) -> WorkerState:
-        if self.lease is None:
+        if self.lease is None or self.lease.released_at is not None:
             return "stopped"
         if self.lease.holder_gone:
             return "holder gone"
@@ -133,6 +160,7 @@ class WorkerStatus:
             "pending_estimate": self.pending_estimate,
             "pending_note": self.pending_note,
             "lease": None if self.lease is None else self.lease.to_json(),
+            "last_ran_at": None if self.last_ran is None else iso_time(self.last_ran),
             "state": self.state,
             "stale": self.stale,
         }
@@ -140,16 +168,61 @@ class WorkerStatus:
 
 @dataclass(frozen=True, slots=True)
 class LayoutStatus:
-    """Every worker slot seen for one worker count."""
+    """Every worker slot seen for one worker count, and the layout's state.
+
+    ``run`` is set while at least one of its workers holds a live lease;
+    ``current`` marks the newest running layout; ``retired`` one that has not
+    run for ``retire_after`` while another layout has run since.
+    """
 
     worker_count: int
     workers: tuple[WorkerStatus, ...]
     #: Worker ids of this layout with neither a checkpoint nor a lease.
     missing_workers: tuple[int, ...]
+    run: LayoutRun | None = None
+    last_ran: float | None = None
+    current: bool = False
+    retired: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None
+
+    @property
+    def state(self) -> Literal["running", "stopped", "retired"]:
+        if self.running:
+            return "running"
+        return "retired" if self.retired else "stopped"
+
+    def describe(self, now: float) -> str:
+        """The layout's state in words, for its title line."""
+        if self.run is not None:
+            since = (
+                "running (start unknown)"
+                if self.run.started_at is None
+                else f"running since {iso_time(self.run.started_at)}"
+            )
+            hosts = f" on {', '.join(self.run.hosts)}" if self.run.hosts else ""
+            if self.current:
+                return f"current, {since}{hosts}"
+            return f"{since}{hosts}; a newer layout is running"
+        if self.last_ran is None:
+            ran = "when it last ran is unknown"
+        else:
+            ran = f"last ran {iso_time(self.last_ran)} ({format_duration(now - self.last_ran)} ago)"
+        return f"{self.state}, {ran}"
 
     def to_json(self) -> dict[str, Any]:
+        started = None if self.run is None else self.run.started_at
         return {
             "worker_count": self.worker_count,
+            "state": self.state,
+            "running": self.running,
+            "current": self.current,
+            "retired": self.retired,
+            "started_at": None if started is None else iso_time(started),
+            "last_ran_at": None if self.last_ran is None else iso_time(self.last_ran),
+            "running_hosts": [] if self.run is None else list(self.run.hosts),
             "workers": [w.to_json() for w in self.workers],
             "missing_workers": list(self.missing_workers),
         }
@@ -166,6 +239,7 @@ class StatusReport:
     generated_at: float
     stale_after: float
     layouts: tuple[LayoutStatus, ...]
+    retire_after: float = 604_800.0
 
     @property
     def workers(self) -> list[WorkerStatus]:
@@ -179,6 +253,14 @@ class StatusReport:
     def any_stale(self) -> bool:
         return bool(self.stale_workers)
 
+    @property
+    def current_layout(self) -> LayoutStatus | None:
+        return next((layout for layout in self.layouts if layout.current), None)
+
+    @property
+    def retired_layouts(self) -> list[LayoutStatus]:
+        return [layout for layout in self.layouts if layout.retired]
+
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values with stable keys (``since`` exactly as stored)."""
         return {
@@ -186,16 +268,19 @@ class StatusReport:
             "database": self.database,
             "checkpoint_database": self.checkpoint_database,
             "checkpoint_database_exists": self.checkpoint_database_exists,
-            "generated_at": _iso(self.generated_at),
+            "generated_at": iso_time(self.generated_at),
             "stale_after_seconds": self.stale_after,
+            "retire_after_seconds": self.retire_after,
             "layouts": [layout.to_json() for layout in self.layouts],
             "stale_workers": [w.checkpoint_id for w in self.stale_workers],
+            "current_layout": None if (c := self.current_layout) is None else c.worker_count,
+            "retired_layouts": [layout.worker_count for layout in self.retired_layouts],
         }
 
     def render(self) -> str:
         lines = [
             f"notifier status: database {self.database!r} on {self.couch_url}, "
-            f"checkpoints in {self.checkpoint_database!r}, at {_iso(self.generated_at)}"
+            f"checkpoints in {self.checkpoint_database!r}, at {iso_time(self.generated_at)}"
         ]
         if not self.checkpoint_database_exists:
             lines.append(
@@ -223,7 +308,7 @@ class StatusReport:
                         f"{w.worker_id} of {w.worker_count}",
                         since,
                         w.updated_at or "-",
-                        "-" if w.age is None else _duration(w.age),
+                        "-" if w.age is None else format_duration(w.age),
                         w.pending_text,
                         "STALE" if w.stale else "no",
                         "none" if w.lease is None else w.lease.describe(),
@@ -237,7 +322,7 @@ class StatusReport:
             lines.append("")
             lines.append(
                 f"layout: {count} worker{'s' if count != 1 else ''} "
-                f"({self.database}.worker-N-of-{count})"
+                f"({self.database}.worker-N-of-{count}): {layout.describe(self.generated_at)}"
             )
             lines.extend("  " + _row(row, widths) for row in [header, *rows])
             if layout.missing_workers:
@@ -252,6 +337,15 @@ class StatusReport:
             lines.append(f"{len(stale)} stale: " + ", ".join(w.checkpoint_id for w in stale))
         else:
             lines.append("no stale worker")
+        retired = self.retired_layouts
+        if retired:
+            which = ", ".join(workers_text(layout.worker_count) for layout in retired)
+            lines.append(
+                f"retired layouts: {which}. No worker of a retired layout has run for "
+                f"{format_duration(self.retire_after)} ([worker] retire_after) while another "
+                "layout has run since: it is never stale, and notifier prune-checkpoints "
+                "deletes its documents."
+            )
         lines.append(
             "PENDING is an estimate: CouchDB's count of changes to any document after the "
             'checkpoint (all shards, including settled documents); "unknown" where the '
@@ -259,7 +353,7 @@ class StatusReport:
         )
         lines.append(
             f"STALE: there are changes after the checkpoint and it is older than "
-            f"{_duration(self.stale_after)}."
+            f"{format_duration(self.stale_after)}."
             + (" SINCE is shortened; --json shows it in full." if shortened else "")
         )
         return "\n".join(lines) + "\n"
@@ -270,33 +364,24 @@ async def gather_status(
     *,
     now: float | None = None,
     stale_after: float = 300.0,
+    retire_after: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> StatusReport:
     """Read every worker's checkpoint and lease for ``[couch] database``, of every layout.
 
     ``now`` (epoch seconds, default: the clock) is the time ages and lease
-    expiries are measured against. Raises :class:`~notifier.errors.CouchError`
-    when CouchDB cannot be read; a missing checkpoint database is a report,
-    not an error.
+    expiries are measured against; ``retire_after`` defaults to ``[worker]
+    retire_after``. Raises :class:`~notifier.errors.CouchError` when CouchDB
+    cannot be read; a missing checkpoint database is a report, not an error.
     """
     c = config.couch
     at = time.time() if now is None else now
+    retire = config.worker.retire_after if retire_after is None else retire_after
     async with CouchClient.from_config(c, transport=transport) as couch:
-        prefix = f"{c.database}.worker-"
-        slot_id = re.compile(re.escape(prefix) + r"(0|[1-9][0-9]*)-of-([1-9][0-9]*)(\.lease)?")
-        try:
-            listing = await couch.request(
-                "GET",
-                f"/{_q(c.checkpoint_database)}/_all_docs",
-                params={
-                    "include_docs": "true",
-                    "startkey": json.dumps(prefix),
-                    "endkey": json.dumps(prefix + "\ufff0"),
-                },
-            )
-        except CouchFatalError as e:
-            if not is_missing_database(e):
-                raise
+        docs = await read_slot_docs(
+            couch, checkpoint_database=c.checkpoint_database, database=c.database
+        )
+        if docs is None:
             return StatusReport(
                 couch_url=couch.url,
                 database=c.database,
@@ -305,27 +390,15 @@ async def gather_status(
                 generated_at=at,
                 stale_after=stale_after,
                 layouts=(),
+                retire_after=retire,
             )
-        checkpoints: dict[tuple[int, int], Mapping[str, Any]] = {}
-        leases: dict[tuple[int, int], Mapping[str, Any]] = {}
-        for row in listing.get("rows", []) if isinstance(listing, dict) else []:
-            doc = row.get("doc") if isinstance(row, dict) else None
-            doc_id = row.get("id") if isinstance(row, dict) else None
-            if not isinstance(doc, dict) or not isinstance(doc_id, str):
-                continue
-            match = slot_id.fullmatch(doc_id)
-            if match is None:
-                continue
-            slot = (int(match[2]), int(match[1]))  # (count, id)
-            if slot[1] >= slot[0]:
-                continue  # not a slot any worker can have
-            (leases if match[3] else checkpoints)[slot] = doc
+        checkpoints, leases = docs.checkpoints, docs.leases
 
         # One _changes request per distinct checkpoint.
         sinces: dict[str, Seq] = {}
-        for doc in checkpoints.values():
-            if "since" in doc:
-                sinces.setdefault(_key(doc["since"]), doc["since"])
+        for checkpoint in checkpoints.values():
+            if "since" in checkpoint:
+                sinces.setdefault(_key(checkpoint["since"]), checkpoint["since"])
         limit = asyncio.Semaphore(8)
 
         async def probe(since: Seq) -> tuple[bool | None, int | None, str | None]:
@@ -336,6 +409,8 @@ async def gather_status(
         pending = dict(zip(sinces, results, strict=True))
 
     here = socket.gethostname()
+    states = layout_states(docs, now=at, retire_after=retire, here=here)
+    prefix = f"{c.database}.worker-"
     workers: dict[int, list[WorkerStatus]] = {}
     for slot in sorted(set(checkpoints) | set(leases)):
         count, worker_id = slot
@@ -350,7 +425,9 @@ async def gather_status(
         )
         if doc is not None and not has_checkpoint:
             note = "the checkpoint document has no 'since' field"
-        stale = bool(behind) and (age is None or age > stale_after)
+        # A retired layout is expected to fall behind: it is not stale.
+        stale = bool(behind) and (age is None or age > stale_after) and not states[count].retired
+        live = lease_is_live(lease_doc, now=at, here=here)
         workers.setdefault(count, []).append(
             WorkerStatus(
                 worker_id=worker_id,
@@ -367,6 +444,7 @@ async def gather_status(
                 pending_note=note,
                 lease=None if lease_doc is None else _lease(lease_doc, at, here),
                 stale=stale,
+                last_ran=slot_last_ran(doc, lease_doc, now=at, live=live),
             )
         )
     layouts = tuple(
@@ -374,6 +452,10 @@ async def gather_status(
             worker_count=count,
             workers=tuple(found),
             missing_workers=tuple(sorted(set(range(count)) - {w.worker_id for w in found})),
+            run=states[count].run,
+            last_ran=states[count].last_ran,
+            current=states[count].current,
+            retired=states[count].retired,
         )
         for count, found in sorted(workers.items())
     )
@@ -385,6 +467,7 @@ async def gather_status(
         generated_at=at,
         stale_after=stale_after,
         layouts=layouts,
+        retire_after=retire,
     )
 
 
@@ -419,16 +502,17 @@ async def _pending(
 
 
 def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
-    expires_at = doc.get("expires_at")
-    expires = (
-        float(expires_at)
-        if isinstance(expires_at, int | float) and not isinstance(expires_at, bool)
-        else None
-    )
+    expires = parse_time(doc.get("expires_at"))
     host, pid = _str(doc.get("host")), _int(doc.get("pid"))
     expires_in = None if expires is None else expires - now
-    # An expired lease is reported as expired; "gone" is for live-looking ones.
-    gone = expires_in is not None and expires_in > 0 and holder_is_gone(doc, host=here)
+    released_at = parse_time(doc.get("released_at")) if is_released(doc) else None
+    # An expired or released lease is reported as such; "gone" is for live-looking ones.
+    gone = (
+        released_at is None
+        and expires_in is not None
+        and expires_in > 0
+        and holder_is_gone(doc, host=here)
+    )
     return LeaseInfo(
         host=host,
         pid=pid,
@@ -436,6 +520,9 @@ def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
         renewed_at=_str(doc.get("renewed_at")),
         expires_in=expires_in,
         holder_gone=gone,
+        started_at=parse_time(doc.get("started_at")),
+        released_at=released_at,
+        released_ago=None if released_at is None else now - released_at,
     )
 
 
@@ -452,40 +539,12 @@ def _int(value: Any) -> int | None:
 
 
 def _age(updated_at: str | None, now: float) -> float | None:
-    if updated_at is None:
-        return None
-    try:
-        when = datetime.fromisoformat(updated_at)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return now - when.timestamp()
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+    when = parse_time(updated_at)
+    return None if when is None else now - when
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-def _duration(seconds: float) -> str:
-    """
-    >>> _duration(42.4), _duration(303), _duration(7500), _duration(273600), _duration(-3)
-    ('42s', '5m03s', '2h05m', '3d04h', '-3s')
-    """
-    if seconds < 0:
-        return "-" + _duration(-seconds)
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 _SEQ_WIDTH = 24

@@ -466,6 +466,167 @@ async def test_status_shows_every_layout_its_leases_and_stale_workers(
     assert find(later, 0, 1).state == "lease expired" and not find(later, 0, 1).stale
 
 
+DAY = 86_400.0
+
+
+async def hold(
+    couch: CouchClient,
+    config: Config,
+    shard: Shard,
+    host: str,
+    *,
+    started: float,
+    ttl: float = 60.0,
+    released: float | None = None,
+) -> Lease:
+    """A worker's lease, taken at ``started``; released at ``released`` if given."""
+    clock = [started]
+    lease = Lease(
+        couch,
+        database=config.couch.checkpoint_database,
+        source_database=config.couch.database,
+        shard=shard,
+        ttl=ttl,
+        holder=Holder(run_id=f"{host}-{shard}", host=host, pid=1000 + shard.worker_count),
+        clock=lambda: clock[0],
+    )
+    assert await lease.acquire(asyncio.Event())
+    if released is not None:
+        clock[0] = released
+        await lease.release()
+    return lease
+
+
+async def put_checkpoint(
+    couch: CouchClient, config: Config, shard: Shard, since: Any, updated: float
+) -> None:
+    db = config.couch.database
+    await couch.put_doc(
+        config.couch.checkpoint_database,
+        {
+            "_id": f"{db}.worker-{shard.worker_id}-of-{shard.worker_count}",
+            "since": since,
+            "database": db,
+            "worker_id": shard.worker_id,
+            "worker_count": shard.worker_count,
+            "updated_at": iso(updated),
+            "host": "host-x",
+            "pid": 1,
+        },
+    )
+
+
+async def four_layouts(store: Backend, config: Config, now: float) -> None:
+    """Layout 1 retired 10 days ago; 2 running since 2 h; 3 running since 1 min (current);
+    4 stopped an hour ago. Layouts 1 and 4 are behind, with old checkpoints."""
+    async with seeded(store, 4) as (couch, seqs):
+        await couch.create_database(config.couch.checkpoint_database)
+        await put_checkpoint(
+            couch, config, Shard(worker_id=0, worker_count=1), seqs[1], now - 11 * DAY
+        )
+        await hold(
+            couch,
+            config,
+            Shard(worker_id=0, worker_count=1),
+            "host-a",
+            started=now - 40 * DAY,
+            released=now - 10 * DAY,
+        )
+        for worker_id in (0, 1):
+            shard = Shard(worker_id=worker_id, worker_count=2)
+            await put_checkpoint(couch, config, shard, seqs[-1], now - 5)
+            await hold(
+                couch,
+                config,
+                shard,
+                f"host-b{worker_id}",
+                started=now - 7200 + worker_id,
+                ttl=3 * 3600,
+            )
+        three = Shard(worker_id=2, worker_count=3)
+        await put_checkpoint(couch, config, three, seqs[-1], now - 1)
+        await hold(couch, config, three, "host-c", started=now - 60, ttl=3600)
+        four = Shard(worker_id=0, worker_count=4)
+        await put_checkpoint(couch, config, four, seqs[0], now - 3 * 3600)
+        await hold(couch, config, four, "host-d", started=now - 4 * 3600, released=now - 3600)
+
+
+async def test_status_marks_the_current_layout_and_a_retired_one_which_is_never_stale(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    db = store.database
+    now = time.time()
+    await four_layouts(store, config, now)
+
+    report = await gather_status(config, now=now, transport=store.transport)
+
+    one, two, three, four = report.layouts
+    assert [layout.state for layout in report.layouts] == [
+        "retired",
+        "running",
+        "running",
+        "stopped",
+    ]
+    assert [layout.current for layout in report.layouts] == [False, False, True, False]
+    assert report.current_layout is three and report.retired_layouts == [one]
+    assert one.last_ran == pytest.approx(now - 10 * DAY)
+    assert find(report, 0, 1).behind is True and not find(report, 0, 1).stale
+    assert two.run is not None and two.run.started_at == pytest.approx(now - 7200)
+    assert two.run.hosts == ("host-b0", "host-b1") and two.last_ran == now
+    assert four.last_ran == pytest.approx(now - 3600) and not four.retired
+    # Not retired: a layout stopped an hour ago is still stale.
+    assert [w.checkpoint_id for w in report.stale_workers] == [f"{db}.worker-0-of-4"]
+
+    text = report.render()
+    assert_aligned(text)
+    assert (
+        f"layout: 1 worker ({db}.worker-N-of-1): retired, last ran {iso(now - 10 * DAY)} "
+        "(10d00h ago)\n" in text
+    )
+    assert (
+        f"layout: 2 workers ({db}.worker-N-of-2): running since {iso(now - 7200)} on host-b0, "
+        "host-b1; a newer layout is running\n" in text
+    )
+    assert (
+        f"layout: 3 workers ({db}.worker-N-of-3): current, running since {iso(now - 60)} "
+        "on host-c\n" in text
+    )
+    assert (
+        f"layout: 4 workers ({db}.worker-N-of-4): stopped, last ran {iso(now - 3600)} "
+        "(1h00m ago)\n" in text
+    )
+    assert "released 10d00h ago (host-a pid 1001)" in text
+    assert "retired layouts: 1 worker. No worker of a retired layout has run for 7d00h" in text
+    assert f"1 stale: {db}.worker-0-of-4" in text
+
+    data = report.to_json()
+    assert data["current_layout"] == 3 and data["retired_layouts"] == [1]
+    assert [layout["state"] for layout in data["layouts"]] == [
+        "retired",
+        "running",
+        "running",
+        "stopped",
+    ]
+    assert data["layouts"][1]["started_at"] == iso(now - 7200)
+    assert data["layouts"][0]["last_ran_at"] == iso(now - 10 * DAY)
+    assert data["layouts"][0]["workers"][0]["stale"] is False
+    lease = data["layouts"][0]["workers"][0]["lease"]
+    assert lease["released_at"] == pytest.approx(now - 10 * DAY)
+    assert lease["started_at"] == pytest.approx(now - 40 * DAY) and lease["live"] is False
+
+    # With a shorter retire_after the layout stopped an hour ago retires too,
+    # and nothing is stale; the running ones never retire.
+    short = await gather_status(config, now=now, retire_after=600, transport=store.transport)
+    assert [layout.state for layout in short.layouts] == [
+        "retired",
+        "running",
+        "running",
+        "retired",
+    ]
+    assert not short.any_stale
+
+
 async def test_status_json_keeps_opaque_seqs_and_round_trips(
     store: Backend, smtp_sink: SmtpSink
 ) -> None:
@@ -488,10 +649,29 @@ async def test_status_json_keeps_opaque_seqs_and_round_trips(
         "checkpoint_database_exists",
         "generated_at",
         "stale_after_seconds",
+        "retire_after_seconds",
         "layouts",
         "stale_workers",
+        "current_layout",
+        "retired_layouts",
     ]
+    assert data["retire_after_seconds"] == config.worker.retire_after == 604_800.0
     assert [layout["worker_count"] for layout in data["layouts"]] == [1, 2]
+    assert list(data["layouts"][0]) == [
+        "worker_count",
+        "state",
+        "running",
+        "current",
+        "retired",
+        "started_at",
+        "last_ran_at",
+        "running_hosts",
+        "workers",
+        "missing_workers",
+    ]
+    # Checkpoints written just now, no lease: both stopped, neither retired.
+    assert [layout["state"] for layout in data["layouts"]] == ["stopped", "stopped"]
+    assert data["current_layout"] is None and data["retired_layouts"] == []
     worker = data["layouts"][0]["workers"][0]
     assert list(worker) == [
         "worker_id",
@@ -507,9 +687,11 @@ async def test_status_json_keeps_opaque_seqs_and_round_trips(
         "pending_estimate",
         "pending_note",
         "lease",
+        "last_ran_at",
         "state",
         "stale",
     ]
+    assert worker["last_ran_at"] == worker["updated_at"]
     # Exactly as CouchDB gave it: an opaque string on the fake, an int on PouchDB.
     assert [layout["workers"][0]["since"] for layout in data["layouts"]] == seqs[:2]
     assert type(worker["since"]) is type(seqs[0])
@@ -606,9 +788,19 @@ async def test_status_reads_what_real_workers_of_two_layouts_wrote(smtp_sink: Sm
         doc = fake.get(config.couch.checkpoint_database, worker.checkpoint_id)
         assert doc is not None and worker.since == doc["since"]
         assert worker.updated_at == doc["updated_at"]
-        assert worker.lease is None and worker.state == "stopped"  # released at a clean stop
+        # Released at a clean stop: the lease stays, saying when the slot ran.
+        lease = worker.lease
+        assert lease is not None and lease.released_at is not None and not lease.live
+        assert worker.state == "stopped"
+        assert lease.started_at is not None and lease.started_at <= lease.released_at
+        assert worker.last_ran == lease.released_at
         assert not worker.stale
         assert worker.pending_estimate is not None
+    assert [layout.state for layout in report.layouts] == ["stopped", "stopped"]
+    assert report.layouts[1].last_ran == find(report, 1, 2).last_ran
+    assert report.current_layout is None and report.retired_layouts == []
+    text = report.render()
+    assert "released " in text and " ago (" in text
     # The first layout never saw the last four messages.
     assert find(report, 0, 1).behind is True
     estimate = find(report, 0, 1).pending_estimate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -158,3 +159,79 @@ async def test_a_fatal_couchdb_error_is_not_mistaken_for_a_free_lease(
     fake.fail_requests(status=403, path="lease")
     with pytest.raises(CouchFatalError, match="403"):
         await lease(client, Clock()).acquire(asyncio.Event())
+
+
+async def test_the_lease_records_when_its_holder_started_and_keeps_it_across_renewals(
+    couch: tuple[FakeCouch, CouchClient],
+) -> None:
+    fake, client = couch
+    clock = Clock()
+    holder = lease(client, clock)
+    assert not holder.taken.is_set()
+    assert await holder.acquire(asyncio.Event())
+    assert holder.taken.is_set() and holder.started_at == 1_000.0
+    clock.now += 10
+    await holder.renew()
+    doc = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert doc is not None
+    assert (doc["started_at"], doc["expires_at"]) == (1_000.0, 1_040.0)
+    assert doc["run_id"] == "host-a-1"
+
+
+async def test_a_clean_stop_leaves_a_released_marker_instead_of_deleting_the_lease(
+    couch: tuple[FakeCouch, CouchClient],
+) -> None:
+    fake, client = couch
+    clock = Clock()
+    holder = lease(client, clock, pid=7)
+    assert await holder.acquire(asyncio.Event())
+    clock.now += 125
+    await holder.release()
+    doc = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert doc is not None, "the released lease must stay, so the slot's last run is known"
+    assert "run_id" not in doc
+    assert {k: doc[k] for k in ("released_at", "expires_at", "started_at")} == {
+        "released_at": 1_125.0,
+        "expires_at": 1_125.0,
+        "started_at": 1_000.0,
+    }
+    assert (doc["host"], doc["pid"], doc["worker_id"], doc["worker_count"]) == ("host-a", 7, 0, 2)
+    await holder.release()  # a second release is a no-op
+    again = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert again is not None and again["_rev"] == doc["_rev"]
+
+
+async def test_a_released_lease_is_taken_at_once_even_by_a_host_whose_clock_is_behind(
+    couch: tuple[FakeCouch, CouchClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, client = couch
+    ahead, behind = Clock(), Clock()
+    ahead.now += 300  # the releasing host's clock is 5 minutes ahead
+    holder = lease(client, ahead, ttl=600.0)
+    assert await holder.acquire(asyncio.Event())
+    await holder.release()
+    released = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert released is not None and released["expires_at"] > behind.now
+    caplog.set_level(logging.INFO, logger="notifier.lease")
+    standby = lease(client, behind, host="host-b", ttl=600.0)
+    # Were the released lease judged by its expiry, this would wait 5 minutes.
+    assert await asyncio.wait_for(standby.acquire(asyncio.Event()), timeout=5)
+    assert "worker 0/2: took the lease (it was released)" in caplog.text
+    taken = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert taken is not None and taken["host"] == "host-b" and "released_at" not in taken
+    assert taken["started_at"] == behind.now
+
+
+async def test_releasing_a_lease_another_process_took_leaves_theirs_alone(
+    couch: tuple[FakeCouch, CouchClient],
+) -> None:
+    fake, client = couch
+    holder = lease(client, Clock())
+    assert await holder.acquire(asyncio.Event())
+    current = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert current is not None
+    fake.put(DB, {**current, "run_id": "other", "host": "host-b"})
+    await holder.release()
+    doc = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert doc is not None
+    assert doc["run_id"] == "other" and "released_at" not in doc
