@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
@@ -118,15 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
-        "--worker-id", type=int, required=True, metavar="N", help="this worker's id, 0..count-1"
+        "--worker-id",
+        type=worker_slot,
+        required=True,
+        metavar="N",
+        help=(
+            "this worker's id, 0..count-1; or N-of-M, which also gives the worker count "
+            "(systemd: notifier@0-of-3, so that two layouts can run on one machine "
+            "during a reshard)"
+        ),
     )
     run.add_argument(
         "--worker-count",
         type=int,
         metavar="M",
         help=(
-            "number of workers sharing the database (default: $NOTIFIER_WORKER_COUNT, "
-            "else [worker] worker_count)"
+            "number of workers sharing the database (default: the M of --worker-id N-of-M, "
+            "else $NOTIFIER_WORKER_COUNT, else [worker] worker_count)"
         ),
     )
     config_option(run)
@@ -296,8 +305,29 @@ def exit_status(error: NotifierError) -> int:
     return EXIT_CRASH
 
 
+def worker_slot(value: str) -> tuple[int, int | None]:
+    """``--worker-id``: ``N``, or ``N-of-M`` (a systemd instance name that names its layout).
+
+    >>> worker_slot("2"), worker_slot("0-of-3")
+    ((2, None), (0, 3))
+    """
+    match = re.fullmatch(r"([0-9]+)(?:-of-([0-9]+))?", value.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a worker id N or N-of-M (as in notifier@0-of-3), got {value!r}"
+        )
+    return int(match[1]), None if match[2] is None else int(match[2])
+
+
 def _shard(args: argparse.Namespace, config: Config) -> Shard:
+    worker_id, named_count = args.worker_id
     count = args.worker_count
+    if named_count is not None:
+        if count is not None and count != named_count:
+            raise ConfigError(
+                f"--worker-id {worker_id}-of-{named_count} and --worker-count {count} disagree"
+            )
+        count = named_count
     if count is None and os.environ.get("NOTIFIER_WORKER_COUNT"):
         raw = os.environ["NOTIFIER_WORKER_COUNT"]
         try:
@@ -307,7 +337,7 @@ def _shard(args: argparse.Namespace, config: Config) -> Shard:
     if count is None:
         count = config.worker.worker_count
     try:
-        return Shard(worker_id=args.worker_id, worker_count=count)
+        return Shard(worker_id=worker_id, worker_count=count)
     except ValueError as e:
         raise ConfigError(f"--worker-id/--worker-count: {e}") from None
 

@@ -343,8 +343,10 @@ class LayoutState:
     last_ran: float | None
     #: The newest running layout.
     current: bool
-    #: None of its workers has run for ``retire_after`` seconds, and another
-    #: layout has run more recently.
+    #: None of its workers runs, and another layout has run more recently:
+    #: it was replaced (a reshard), so falling behind is expected of it.
+    superseded: bool
+    #: Superseded, and none of its workers has run for ``retire_after`` seconds.
     retired: bool
 
     @property
@@ -371,8 +373,8 @@ def layout_states(
     ...             (2, 1): {"released_at": 950.0, "expires_at": 950.0}},
     ... )
     >>> states = layout_states(docs, now=1000.0, retire_after=600.0)
-    >>> states[1].retired, states[1].last_ran, states[1].current
-    (True, 100.0, False)
+    >>> states[1].retired, states[1].superseded, states[1].last_ran, states[1].current
+    (True, True, 100.0, False)
     >>> states[2].retired, states[2].last_ran, states[2].current
     (False, 1000.0, True)
     """
@@ -397,18 +399,14 @@ def layout_states(
     states: dict[int, LayoutState] = {}
     for count, ran in last_ran.items():
         ran_since = [t for other, t in last_ran.items() if other != count and t is not None]
-        retired = (
-            count not in runs
-            and ran is not None
-            and now - ran >= retire_after
-            and any(t > ran for t in ran_since)
-        )
+        superseded = count not in runs and ran is not None and any(t > ran for t in ran_since)
         states[count] = LayoutState(
             worker_count=count,
             run=runs.get(count),
             last_ran=ran,
             current=current is not None and current.worker_count == count,
-            retired=retired,
+            superseded=superseded,
+            retired=superseded and ran is not None and now - ran >= retire_after,
         )
     return states
 
@@ -526,7 +524,7 @@ def newer_layout_warning(shard: Shard, newer: Iterable[LayoutRun]) -> str:
     ... # doctest: +NORMALIZE_WHITESPACE
     worker 0/2: a newer layout is running (3 workers, since 2025-03-02 12:07:47 UTC, on hostA,
     hostB); this worker's layout is 2 workers. If you are resharding, stop this worker once the
-    new layout has caught up (docs/operations.md#reshard); otherwise check --worker-count and
+    new layout has caught up (docs/operations.md, 'Reshard'); otherwise check --worker-count and
     NOTIFIER_WORKER_COUNT on every machine
     """
     runs = list(newer)
@@ -534,7 +532,7 @@ def newer_layout_warning(shard: Shard, newer: Iterable[LayoutRun]) -> str:
     return (
         f"worker {shard}: {what} running ({'; '.join(run.describe() for run in runs)}); "
         f"this worker's layout is {workers_text(shard.worker_count)}. If you are resharding, "
-        "stop this worker once the new layout has caught up (docs/operations.md#reshard); "
+        "stop this worker once the new layout has caught up (docs/operations.md, 'Reshard'); "
         "otherwise check --worker-count and NOTIFIER_WORKER_COUNT on every machine"
     )
 

@@ -107,8 +107,9 @@ class WorkerStatus:
     ``behind`` says whether there is at least one change after it, which every
     server tells. ``stale`` is true when there are changes after the
     checkpoint and the checkpoint is older than ``stale_after``, unless the
-    layout is retired. ``last_ran`` is when the slot last ran (the report's
-    time while its lease is live).
+    layout is superseded (stopped, and another layout ran since).
+    ``last_ran`` is when the slot last ran (the report's time while its
+    lease is live).
     """
 
     worker_id: int
@@ -171,8 +172,9 @@ class LayoutStatus:
     """Every worker slot seen for one worker count, and the layout's state.
 
     ``run`` is set while at least one of its workers holds a live lease;
-    ``current`` marks the newest running layout; ``retired`` one that has not
-    run for ``retire_after`` while another layout has run since.
+    ``current`` marks the newest running layout; ``superseded`` a stopped one
+    that another layout has run after (its workers are never stale);
+    ``retired`` a superseded one that has not run for ``retire_after``.
     """
 
     worker_count: int
@@ -182,6 +184,7 @@ class LayoutStatus:
     run: LayoutRun | None = None
     last_ran: float | None = None
     current: bool = False
+    superseded: bool = False
     retired: bool = False
 
     @property
@@ -210,6 +213,8 @@ class LayoutStatus:
             ran = "when it last ran is unknown"
         else:
             ran = f"last ran {iso_time(self.last_ran)} ({format_duration(now - self.last_ran)} ago)"
+        if self.superseded and not self.retired:
+            ran += "; another layout has run since, so it is not stale"
         return f"{self.state}, {ran}"
 
     def to_json(self) -> dict[str, Any]:
@@ -219,6 +224,7 @@ class LayoutStatus:
             "state": self.state,
             "running": self.running,
             "current": self.current,
+            "superseded": self.superseded,
             "retired": self.retired,
             "started_at": None if started is None else iso_time(started),
             "last_ran_at": None if self.last_ran is None else iso_time(self.last_ran),
@@ -425,8 +431,9 @@ async def gather_status(
         )
         if doc is not None and not has_checkpoint:
             note = "the checkpoint document has no 'since' field"
-        # A retired layout is expected to fall behind: it is not stale.
-        stale = bool(behind) and (age is None or age > stale_after) and not states[count].retired
+        # A layout replaced by a newer one (a reshard) is expected to fall
+        # behind: it is not stale, or every reshard would raise an alert.
+        stale = bool(behind) and (age is None or age > stale_after) and not states[count].superseded
         live = lease_is_live(lease_doc, now=at, here=here)
         workers.setdefault(count, []).append(
             WorkerStatus(
@@ -455,6 +462,7 @@ async def gather_status(
             run=states[count].run,
             last_ran=states[count].last_ran,
             current=states[count].current,
+            superseded=states[count].superseded,
             retired=states[count].retired,
         )
         for count, found in sorted(workers.items())

@@ -271,6 +271,22 @@ def test_worker_count_can_come_from_the_environment(
     assert "NOTIFIER_WORKER_COUNT: expected an integer, got 'x'" in bad.stderr
 
 
+def test_the_worker_id_can_name_its_layout_as_a_systemd_instance_does(
+    couch: CouchTestDB, config_file: ConfigFile
+) -> None:
+    cfg = str(config_file())
+    # N-of-M wins over the environment: the instance name says which layout.
+    named = run("run", "--worker-id", "3-of-3", "--config", cfg, env={"NOTIFIER_WORKER_COUNT": "9"})
+    assert named.returncode == 78
+    assert "worker_id 3 is out of range for worker_count 3" in named.stderr
+    clash = run("run", "--worker-id", "0-of-3", "--worker-count", "2", "--config", cfg)
+    assert clash.returncode == 78
+    assert "--worker-id 0-of-3 and --worker-count 2 disagree" in clash.stderr
+    garbage = run("run", "--worker-id", "0-3", "--config", cfg)
+    assert garbage.returncode == 2
+    assert "expected a worker id N or N-of-M" in garbage.stderr
+
+
 def test_missing_config_file_exits_78() -> None:
     result = run("run", "--worker-id", "0", "--config", "/nonexistent/notifier.toml")
     assert result.returncode == 78

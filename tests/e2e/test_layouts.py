@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from realservers import CouchTestDB, free_port, unique_db_name
 from scenario import message
-from test_ops import Backend, backend_for, four_layouts
+from test_ops import Backend, backend_for, four_layouts, put_checkpoint
 
 from notifier import config as config_module
 from notifier import layout
+from notifier.checkpoint import checkpoint_id
 from notifier.prune import prune_checkpoints
+from notifier.shard import Shard
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for, worker_running
@@ -234,10 +236,22 @@ async def test_status_and_prune_checkpoints_commands_exit_as_documented(
 
     cfg = write(604_800.0)
     config = config_module.load(cfg)
-    await four_layouts(backend, config, time.time())
+    now = time.time()
+    await four_layouts(backend, config, now)
+    stale = Shard(worker_id=0, worker_count=3)
     try:
-        # Layout 4 stopped an hour ago, behind: stale until it retires.
-        assert run("status", "--config", cfg).returncode == 1
+        # Layout 4 stopped an hour ago, behind, but layouts 2 and 3 ran since:
+        # replaced, so not stale.
+        replaced = run("status", "--config", cfg)
+        assert replaced.returncode == 0, replaced.stdout
+        assert "another layout has run since, so it is not stale" in replaced.stdout
+        # A worker of the current layout, down for an hour and behind, is.
+        async with backend.client() as client:
+            await put_checkpoint(client, config, stale, 0, now - 3600)
+            assert run("status", "--config", cfg).returncode == 1
+            doc = await client.get_doc(ckdb, checkpoint_id(couch.name, stale))
+            assert doc is not None
+            await client.delete_doc(ckdb, doc["_id"], doc["_rev"])
         dry = run("prune-checkpoints", "--config", cfg, "--dry-run", "--json")
         assert dry.returncode == 0, dry.stderr
         assert json.loads(dry.stdout)["would_delete"] == [

@@ -365,7 +365,8 @@ async def test_status_shows_every_layout_its_leases_and_stale_workers(
         )
         assert await live.acquire(asyncio.Event())
         # Layout of 2: worker 0 four changes behind, last checkpoint an hour
-        # ago, no lease (stale); worker 1 caught up, cleanly stopped.
+        # ago, no lease (stale: its layout still runs); worker 1 caught up,
+        # running.
         await couch.put_doc(
             ckdb,
             {
@@ -383,6 +384,15 @@ async def test_status_shows_every_layout_its_leases_and_stale_workers(
             couch, database=ckdb, source_database=db, shard=Shard(worker_id=1, worker_count=2)
         )
         await two.save(seqs[-1])
+        running_two = Lease(
+            couch,
+            database=ckdb,
+            source_database=db,
+            shard=Shard(worker_id=1, worker_count=2),
+            ttl=60.0,
+            holder=Holder(run_id="r2", host="host-b", pid=78),
+        )
+        assert await running_two.acquire(asyncio.Event())
         # Layout of 3: only worker 2, behind but checkpointed just now, whose
         # lease expired 30 s ago (its holder stopped renewing).
         three = Shard(worker_id=2, worker_count=3)
@@ -431,8 +441,8 @@ async def test_status_shows_every_layout_its_leases_and_stale_workers(
     assert lagging.lease is None and lagging.state == "stopped"
     assert lagging.stale
 
-    stopped = find(report, 1, 2)
-    assert stopped.behind is False and stopped.state == "stopped" and not stopped.stale
+    running = find(report, 1, 2)
+    assert running.behind is False and running.state == "running" and not running.stale
 
     fresh = find(report, 2, 3)
     assert fresh.behind is True and not fresh.stale  # behind, but it just checkpointed
@@ -456,13 +466,12 @@ async def test_status_shows_every_layout_its_leases_and_stale_workers(
     assert ("unknown (>=1)" in text) != store.reports_pending
     assert "worker-notes" not in text and f"{db}x" not in text
 
-    # An hour later, with nothing written since: every worker with changes
-    # after its checkpoint is stale, the caught-up ones are not.
+    # An hour later, every lease expired: the layout of 2 ran last (its lease
+    # was taken last), so its lagging worker is stale. The layout of 3
+    # stopped before the others last ran: replaced, it is not stale.
     later = await gather_status(config, now=now + 3600, transport=store.transport)
-    assert {w.checkpoint_id for w in later.stale_workers} == {
-        f"{db}.worker-0-of-2",
-        f"{db}.worker-2-of-3",
-    }
+    assert {w.checkpoint_id for w in later.stale_workers} == {f"{db}.worker-0-of-2"}
+    assert find(later, 2, 3).behind is True and not find(later, 2, 3).stale
     assert find(later, 0, 1).state == "lease expired" and not find(later, 0, 1).stale
 
 
@@ -575,8 +584,9 @@ async def test_status_marks_the_current_layout_and_a_retired_one_which_is_never_
     assert two.run is not None and two.run.started_at == pytest.approx(now - 7200)
     assert two.run.hosts == ("host-b0", "host-b1") and two.last_ran == now
     assert four.last_ran == pytest.approx(now - 3600) and not four.retired
-    # Not retired: a layout stopped an hour ago is still stale.
-    assert [w.checkpoint_id for w in report.stale_workers] == [f"{db}.worker-0-of-4"]
+    # Not retired, but replaced: layouts 2 and 3 ran since, so it is not stale.
+    assert four.superseded and find(report, 0, 4).behind is True
+    assert report.stale_workers == []
 
     text = report.render()
     assert_aligned(text)
@@ -594,11 +604,11 @@ async def test_status_marks_the_current_layout_and_a_retired_one_which_is_never_
     )
     assert (
         f"layout: 4 workers ({db}.worker-N-of-4): stopped, last ran {iso(now - 3600)} "
-        "(1h00m ago)\n" in text
+        "(1h00m ago); another layout has run since, so it is not stale\n" in text
     )
     assert "released 10d00h ago (host-a pid 1001)" in text
     assert "retired layouts: 1 worker. No worker of a retired layout has run for 7d00h" in text
-    assert f"1 stale: {db}.worker-0-of-4" in text
+    assert "no stale worker" in text
 
     data = report.to_json()
     assert data["current_layout"] == 3 and data["retired_layouts"] == [1]
@@ -662,6 +672,7 @@ async def test_status_json_keeps_opaque_seqs_and_round_trips(
         "state",
         "running",
         "current",
+        "superseded",
         "retired",
         "started_at",
         "last_ran_at",

@@ -305,7 +305,7 @@ async def test_the_watch_warns_once_when_a_newer_layout_appears_and_says_when_it
     assert warning.startswith(
         "worker 0/2: a newer layout is running (3 workers, since 2025-03-02 07:21:00 UTC, "
         "on new-0, new-1); this worker's layout is 2 workers. If you are resharding, stop this "
-        "worker once the new layout has caught up (docs/operations.md#reshard)"
+        "worker once the new layout has caught up (docs/operations.md, 'Reshard')"
     )
     assert watch.checks == 4 and [run.worker_count for run in watch.newer] == [3]
 
