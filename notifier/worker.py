@@ -486,19 +486,22 @@ class Worker:
                     log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
                     doc = await self._look_again(doc_id, within=CLAIM_POLL)
                     continue
-                if verdict.verdict is Verdict.ABANDONED:
-                    self.stats.takeovers += 1
-                    log.info("message %s: taking the claim over: %s", doc_id, verdict.reason)
                 if verdict.must_write:
                     try:
                         doc = await self._claim(doc)
                     except DocumentConflict:
                         # Another worker claimed or settled it first, or a user
-                        # edited it. Re-read in a batch with the others that
-                        # lost a race: during an overlap that is half of them.
+                        # edited it (the row may also have been an old one).
+                        # Re-read in a batch with the others that lost a race:
+                        # during an overlap that is half of them.
                         self.stats.claim_conflicts += 1
                         doc = await self._look_again(doc_id, within=REREAD_DELAY)
                         continue
+                if verdict.verdict is Verdict.ABANDONED:
+                    # Counted once the claim is ours: the row may have shown a
+                    # claim that its holder has long since settled.
+                    self.stats.takeovers += 1
+                    log.info("message %s: took the claim over: %s", doc_id, verdict.reason)
             try:
                 doc, fields = await self._deliver(doc)
             except _ClaimLost as lost:

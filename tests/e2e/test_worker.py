@@ -253,7 +253,9 @@ async def start_worker(
 async def test_at_most_max_parallel_in_flight_and_the_feed_waits(couch: CouchTestDB) -> None:
     seed(couch, 40)
     box: list[Worker] = []
-    handler = RecordingHandler(box, delay=0.05)
+    # Sends long enough that the claims written before them (batched, one
+    # round trip) cannot keep four from overlapping.
+    handler = RecordingHandler(box, delay=0.2)
     client, worker, task = await start_worker(couch, handler, box, max_parallel=4)
     async with client:
         await wait_for(lambda: len(handler.delivered) == 40, timeout=30)

@@ -201,3 +201,20 @@ def test_the_claim_names_this_process(fake: FakeCouch) -> None:
     assert claim["host"] == HERE
     assert claim["pid"] == os.getpid()
     assert claim["expires_at"] == 1060.0
+
+
+async def test_an_old_row_showing_a_claim_long_settled_is_not_a_takeover(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    # A layout that starts during an overlap reads rows written before the
+    # other layout settled them: the row still shows that layout's claim.
+    gone = claim_by("1/2", expires_at=time.time() - 1)
+    doc_id = claimed_message(fake, 0, gone)
+    stale_row = fake.get(DB, doc_id)
+    assert stale_row is not None
+    fake.put(DB, {**stale_row, NOTIFIED: True})
+    async with running(fake, smtp_sink) as (worker, _):
+        await worker._settle(doc_id, stale_row)
+    assert worker.stats.takeovers == 0
+    assert worker.stats.claim_conflicts == 1
+    assert smtp_sink.messages == []
