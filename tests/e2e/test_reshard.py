@@ -34,14 +34,12 @@ from realservers import CouchTestDB, unique_db_name
 from reliability.harness import NotifierCli, NotifierProcess, wait_until
 from scenario import ScenarioRecord, message
 
+from notifier.claim import CLAIM
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.worker import FAILED, NOTIFIED, is_settled
 
 pytestmark = pytest.mark.e2e
-
-#: The field a claim writes into the document before the send.
-CLAIM = "notificationClaim"
 
 MAX_PARALLEL = 10
 SMTP_TIMEOUT = 2.0
