@@ -570,9 +570,13 @@ class Worker:
         s = self.settings
         backoff: Backoff | None = None  # made on the first failure: most never fail
         attempts = 0
+        first = True
         while True:
-            if attempts:
+            # Not `attempts`: a wait for an unreachable server uses up none,
+            # and the claim must outlive it all the same.
+            if not first:
                 doc = await self._keep_claim(doc)
+            first = False
             attempts += 1
             started = time.monotonic()
             try:

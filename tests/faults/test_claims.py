@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from realservers import free_port
 from support import DB, all_settled, assert_all_delivered_once, running, seed
 
 from notifier.claim import CLAIM
@@ -218,3 +219,23 @@ async def test_an_old_row_showing_a_claim_long_settled_is_not_a_takeover(
     assert worker.stats.takeovers == 0
     assert worker.stats.claim_conflicts == 1
     assert smtp_sink.messages == []
+
+
+async def test_the_claim_outlives_a_wait_for_an_unreachable_smtp_server(
+    fake: FakeCouch,
+) -> None:
+    # An unreachable server uses up no attempts, however long it stays away;
+    # the claim is renewed all the same, so no other worker takes it over.
+    with SmtpSink(port=free_port()) as sink:
+        async with running(
+            fake, sink, claim_ttl=1.0, retry_base=0.1, retry_cap=0.1, max_attempts=2
+        ) as (worker, _):
+            await asyncio.to_thread(sink.stop)
+            recipients = seed(fake, 1)
+            await wait_for(lambda: worker.stats.retried >= 25, timeout=20)  # 2.5 s: 2.5 ttls
+            await asyncio.to_thread(sink.start)
+            await wait_for(all_settled(fake, 1), timeout=20)
+    assert_all_delivered_once(fake, sink, recipients)
+    (doc,) = fake.docs(DB)
+    claim_writes = int(doc["_rev"].split("-")[0]) - 2  # less the creation and the mark
+    assert claim_writes >= 3, "claimed, then renewed at least twice"
