@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 from realservers import CouchTestDB, unique_db_name
-from reliability.harness import NotifierCli, NotifierProcess, wait_until
+from reliability.harness import NotifierCli, NotifierProcess, reporting, wait_until
 from scenario import ScenarioRecord, message
 
 from notifier.claim import CLAIM
@@ -283,18 +283,6 @@ def check_docs(docs: list[dict[str, Any]], total: int) -> None:
 
 MESSAGES = 3000
 RATE = 120.0  # messages a second: the writer runs for about 25 s
-
-
-def reporting(request: pytest.FixtureRequest, cli: NotifierCli) -> Iterator[NotifierCli]:
-    """Yield ``cli``; then kill whatever still runs and, when the test failed,
-    add every process's log to the report."""
-    try:
-        yield cli
-    finally:
-        cli.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed and cli.processes:
-            request.node.add_report_section("call", "notifier logs", cli.logs())
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import CheckpointWatch, NotifierCli
+from harness import CheckpointWatch, NotifierCli, reporting
 
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
@@ -21,14 +21,7 @@ def notifier_cli(
     At teardown it kills whatever is still running and, when the test
     failed, adds every process's log to the report.
     """
-    cli = NotifierCli(tmp_path, couch_url=couch_url, sink=smtp_sink)
-    try:
-        yield cli
-    finally:
-        cli.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed and cli.processes:
-            request.node.add_report_section("call", "notifier logs", cli.logs())
+    yield from reporting(request, NotifierCli(tmp_path, couch_url=couch_url, sink=smtp_sink))
 
 
 @pytest.fixture

@@ -32,12 +32,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import pytest
 from scenario import message, to_toml
 
 from notifier.checkpoint import checkpoint_id
@@ -300,6 +301,21 @@ class NotifierCli:
             f"--- {' '.join(p.args[1:])} (pid {p.pid}, {p.log_path.name}) ---\n{p.output()}"
             for p in self.processes
         )
+
+
+def reporting(request: pytest.FixtureRequest, cli: NotifierCli) -> Iterator[NotifierCli]:
+    """For a fixture: ``yield from reporting(request, cli)``.
+
+    Yields ``cli``; then kills whatever still runs and, when the test
+    failed, adds every process's log to the report.
+    """
+    try:
+        yield cli
+    finally:
+        cli.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed and cli.processes:
+            request.node.add_report_section("call", "notifier logs", cli.logs())
 
 
 # -- the fake CouchDB ----------------------------------------------------------------
