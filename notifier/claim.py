@@ -9,22 +9,27 @@ other with a 409; the loser re-reads the document, finds the winner's claim,
 and waits until the document is settled. The mark that records the outcome
 removes the claim.
 
-A claim has an expiry (``claim_ttl``). One left behind by a worker that
-crashed is taken over by whichever worker next looks at the document:
+The holder renews its claim every third of ``claim_ttl`` for as long as it
+works on the message (sends, waits between retries), so a live holder's
+claim keeps changing. A claim left behind by a worker that crashed is taken
+over:
 
 * at once by a later run of the *same* worker slot (the slot's lease makes
   sure the earlier run is gone), or when the claim's process is known to be
   gone (it ran on this host and its pid no longer exists);
-* by any other worker once it has expired.
+* by any other worker once it has seen the claim unchanged for a whole
+  ``claim_ttl`` (:class:`Watch`), on its own monotonic clock, in looks no
+  more than a few seconds apart. Neither host's wall clock matters, and a
+  CouchDB outage, which stops the holder's renewals, restarts the count
+  instead of running it out.
 
-A worker renews its own claim before a retry when less than half of it is
-left, and only starts a send while at least half is left. ``claim_ttl`` is at
-least twice the SMTP timeout, so a send ends before its claim can expire.
+``expires_at`` in the claim is for people: when it lapses unless renewed.
 
 The claim is an extra write per message, but it goes out in the same
 ``_bulk_docs`` batches as the marks (:class:`~notifier.marker.BulkWriter`).
-The decision about a claim (:func:`assess`) is pure; :class:`ClaimPoller`
-re-reads the documents that other workers claimed, many per request.
+The decisions about a claim (:func:`assess`, :class:`Watch`) are pure;
+:class:`ClaimPoller` re-reads the documents that other workers claimed, many
+per request.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,13 +57,12 @@ class Verdict(enum.Enum):
 
     #: No claim (or a malformed one): claim it.
     FREE = "free"
-    #: Our own claim, with at least half its time left: send.
+    #: Our own claim.
     MINE = "mine"
-    #: Our own claim, with less than half its time left: renew it first.
-    RENEW = "renew"
-    #: Someone else's claim that no longer counts: take it over.
+    #: Someone else's claim whose holder is known to be gone: take it over.
     ABANDONED = "abandoned"
-    #: Someone else's live claim: wait until the message is settled or the claim lapses.
+    #: Someone else's claim: wait until the message is settled, or until the
+    #: claim has stayed unchanged for a whole ttl (:class:`Watch`).
     HELD = "held"
 
 
@@ -67,10 +71,6 @@ class Assessment:
     verdict: Verdict
     #: Why, in words, for logs (who held the claim, and why it no longer counts).
     reason: str
-
-    @property
-    def must_write(self) -> bool:
-        return self.verdict in (Verdict.FREE, Verdict.RENEW, Verdict.ABANDONED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +96,15 @@ class Claimant:
         )
 
     def claim(self, now: float) -> dict[str, Any]:
-        """The claim field's value, written at ``now`` (epoch seconds)."""
+        """The claim field's value, written (or renewed) at ``now`` (epoch seconds)."""
         return {
             "worker": self.worker,
             "run": self.run_id,
             "host": self.host,
             "pid": self.pid,
-            "expires_at": round(now + self.ttl, 3),
+            "ttl": self.ttl,
             "claimedAt": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds"),
+            "expires_at": round(now + self.ttl, 3),
         }
 
     def owns(self, doc: Mapping[str, Any]) -> bool:
@@ -113,53 +114,94 @@ class Claimant:
 
 
 def assess(
-    doc: Mapping[str, Any],
-    me: Claimant,
-    *,
-    now: float,
-    alive: Callable[[int], bool] = pid_alive,
+    doc: Mapping[str, Any], me: Claimant, *, alive: Callable[[int], bool] = pid_alive
 ) -> Assessment:
-    """What ``me`` may do with the unsettled message ``doc`` at ``now``.
+    """What ``me`` may do with the unsettled message ``doc``.
 
     >>> me = Claimant(worker="0/3", run_id="r2", host="h1", pid=7, ttl=60.0)
-    >>> assess({}, me, now=0.0).verdict
+    >>> assess({}, me).verdict
     <Verdict.FREE: 'free'>
     >>> theirs = {"worker": "1/2", "run": "r1", "host": "h2", "pid": 5, "expires_at": 100.0}
-    >>> assess({CLAIM: theirs}, me, now=50.0).verdict
-    <Verdict.HELD: 'held'>
-    >>> assess({CLAIM: theirs}, me, now=100.0).reason
-    'the claim of worker 1/2 (h2 pid 5) expired'
-    >>> gone = {**theirs, "host": "h1"}
-    >>> assess({CLAIM: gone}, me, now=50.0, alive=lambda pid: False).verdict
-    <Verdict.ABANDONED: 'abandoned'>
-    >>> assess({CLAIM: {**theirs, "worker": "0/3"}}, me, now=50.0).reason
+    >>> assess({CLAIM: theirs}, me)
+    Assessment(verdict=<Verdict.HELD: 'held'>, reason='claimed by worker 1/2 (h2 pid 5)')
+    >>> assess({CLAIM: {**theirs, "worker": "0/3"}}, me).reason
     'the claim was left by an earlier run of this worker (h2 pid 5)'
-    >>> assess({CLAIM: {**theirs, "run": "r2"}}, me, now=50.0).verdict
+    >>> gone = {**theirs, "host": "h1"}
+    >>> assess({CLAIM: gone}, me, alive=lambda pid: False).reason
+    'the process of worker 1/2 (h1 pid 5) is gone'
+    >>> assess({CLAIM: {**theirs, "run": "r2"}}, me).verdict
     <Verdict.MINE: 'mine'>
-    >>> assess({CLAIM: {**theirs, "run": "r2"}}, me, now=71.0).verdict
-    <Verdict.RENEW: 'renew'>
+    >>> assess({CLAIM: "?"}, me).reason
+    'the claim is malformed'
     """
     claim = doc.get(CLAIM)
     if claim is None:
         return Assessment(Verdict.FREE, "no claim")
-    expires_at = claim.get("expires_at") if isinstance(claim, Mapping) else None
-    if not isinstance(claim, Mapping) or not isinstance(expires_at, int | float):
+    if not isinstance(claim, Mapping) or not isinstance(claim.get("run"), str):
         return Assessment(Verdict.FREE, "the claim is malformed")
-    if claim.get("run") == me.run_id:
-        if expires_at - now >= me.ttl / 2:
-            return Assessment(Verdict.MINE, "our claim")
-        return Assessment(Verdict.RENEW, "our claim runs out soon")
+    if claim["run"] == me.run_id:
+        return Assessment(Verdict.MINE, "our claim")
     who = f"{claim.get('host')} pid {claim.get('pid')}"
     if claim.get("worker") == me.worker:
         return Assessment(
             Verdict.ABANDONED, f"the claim was left by an earlier run of this worker ({who})"
         )
     holder = f"worker {claim.get('worker')} ({who})"
-    if expires_at <= now:
-        return Assessment(Verdict.ABANDONED, f"the claim of {holder} expired")
     if holder_is_gone(claim, host=me.host, alive=alive):
         return Assessment(Verdict.ABANDONED, f"the process of {holder} is gone")
     return Assessment(Verdict.HELD, f"claimed by {holder}")
+
+
+@dataclass(slots=True)
+class Watch:
+    """A waiting worker's view of another worker's claim on one message.
+
+    ``lapsed(claim, now)`` is called at each look (``now`` monotonic); it is
+    true once the same claim has been seen unchanged for ``window`` seconds,
+    in looks no more than ``max_gap`` apart. A live holder renews its claim
+    every third of its ttl, so its claim never stays unchanged that long. A
+    longer gap between looks (this worker could not read CouchDB, so the
+    holder may not have been able to write either) starts the count again.
+
+    >>> watch = Watch(window=10.0, max_gap=3.0)
+    >>> claim = {"run": "r1", "claimedAt": "t0"}
+    >>> [watch.lapsed(claim, t) for t in (0.0, 2.0, 4.0, 6.0, 8.0, 10.0)]
+    [False, False, False, False, False, True]
+    >>> watch.lapsed({"run": "r1", "claimedAt": "t1"}, 12.0)  # renewed
+    False
+    >>> watch.lapsed({"run": "r1", "claimedAt": "t1"}, 30.0)  # a gap: count again
+    False
+    """
+
+    window: float
+    max_gap: float
+    _claim: Any = field(default=None, repr=False)
+    _since: float = field(default=0.0, repr=False)
+    _last: float = field(default=0.0, repr=False)
+
+    @classmethod
+    def of(cls, claim: Mapping[str, Any], own_ttl: float, poll: float) -> Watch:
+        """A watch whose window is the longer of our ttl and the holder's, for
+        looks ``poll`` seconds apart: a gap of a quarter of the window (the
+        holder renews every third of it), or of two polls, breaks the count.
+
+        >>> Watch.of({"ttl": 120}, 60.0, poll=0.5)
+        Watch(window=120, max_gap=30.0)
+        """
+        theirs = claim.get("ttl")
+        window = max(own_ttl, theirs) if isinstance(theirs, int | float) else own_ttl
+        return cls(window=window, max_gap=max(window / 4, 2 * poll))
+
+    def restart(self) -> None:
+        """Count from the next look (a write just failed: the holder's may have too)."""
+        self._claim = None
+
+    def lapsed(self, claim: Any, now: float) -> bool:
+        if self._claim is None or claim != self._claim or now - self._last > self.max_gap:
+            self._claim = claim
+            self._since = now
+        self._last = now
+        return now - self._since >= self.window
 
 
 def without_claim(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -228,13 +228,6 @@ def from_mapping(
         )
     email = _resolve_templates(email, base_dir or Path.cwd(), source)
     worker: WorkerConfig = sections["worker"]
-    if worker.claim_ttl < 2 * smtp.timeout:
-        # A send starts only while at least half the claim is left, and must
-        # end before the claim does, or another worker could take it over.
-        raise ConfigError(
-            f"{source}: [worker] claim_ttl ({worker.claim_ttl:g}) must be at least twice "
-            f"[smtp] timeout ({smtp.timeout:g})"
-        )
     metrics: MetricsConfig = sections["metrics"]
     if metrics.listen is not None:
         try:

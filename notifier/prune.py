@@ -7,11 +7,12 @@ run for ``[worker] retire_after`` while another layout has run since, as
 :func:`prune_checkpoints` deletes them. It never touches a layout with a live
 lease, nor one that is not retired, and says why for each.
 
-Each document is deleted with the revision that was read, so a worker of the
-layout that starts while the command runs wins: its lease write makes the
-delete a conflict, and the rest of that layout is kept. A worker of a pruned
-layout started later has no checkpoint and reads the feed from the beginning,
-which sends nothing twice: marked messages are filtered out on the server.
+Each document is deleted with the revision that was read: if a worker of
+the layout writes its lease before the delete lands, the delete is a
+conflict and the rest of that layout is kept; if the delete lands first, the
+worker takes a fresh lease and may lose its checkpoint. Either way nothing
+is lost: a worker without a checkpoint reads the feed from the beginning,
+and marked messages are filtered out on the server.
 """
 
 from __future__ import annotations

@@ -41,7 +41,16 @@ from typing import Any, ParamSpec, TypeVar
 
 from notifier.backoff import Backoff
 from notifier.checkpoint import CheckpointStore
-from notifier.claim import CLAIM, Claimant, ClaimPoller, Verdict, assess, without_claim
+from notifier.claim import (
+    CLAIM,
+    Assessment,
+    Claimant,
+    ClaimPoller,
+    Verdict,
+    Watch,
+    assess,
+    without_claim,
+)
 from notifier.couch import CouchClient
 from notifier.errors import (
     ChannelUnavailableError,
@@ -103,11 +112,18 @@ class _Abandoned(Exception):
 
 
 class _ClaimLost(Exception):
-    """Another worker took our claim over while we waited to retry; ``doc`` is the fresh copy."""
+    """Another worker took our claim over while we waited to retry."""
 
-    def __init__(self, doc: Mapping[str, Any] | None) -> None:
-        super().__init__("claim lost")
-        self.doc = doc
+
+@dataclass(slots=True)
+class _Claimed:
+    """A message while it is delivered: its latest revision (the claim keeper
+    renews it), and whether another worker has taken the claim over."""
+
+    doc: Mapping[str, Any]
+    lost: bool = False
+    #: Once lost: the message as it was then (``None`` if deleted).
+    fresh: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -475,39 +491,59 @@ class Worker:
     async def _settle(self, doc_id: str, doc: Mapping[str, Any] | None) -> None:
         """Claim, deliver and mark the message, unless it is settled already.
 
-        While another worker holds a live claim on it, look again at each
-        poll until that worker settles it or its claim lapses.
+        While another worker holds a claim on it, look again at each poll
+        until that worker settles it, or its claim stays unchanged for a
+        whole ttl (the worker is gone) and is taken over.
         """
+        watch: Watch | None = None
         while doc is not None and not is_settled(doc):
+            claimed = _Claimed(doc)
             if self.claimant is not None:
-                verdict = assess(doc, self.claimant, now=time.time())
+                verdict = assess(doc, self.claimant)
+                lapsed = False
                 if verdict.verdict is Verdict.HELD:
-                    self.stats.claim_waits += 1
-                    log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
+                    claim = doc[CLAIM]
+                    watch = watch or Watch.of(claim, self.claimant.ttl, poll=CLAIM_POLL)
+                    lapsed = watch.lapsed(claim, time.monotonic())
+                    if not lapsed:
+                        self.stats.claim_waits += 1
+                        log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
+                        doc = await self._look_again(doc_id, within=CLAIM_POLL)
+                        continue
+                    verdict = Assessment(
+                        Verdict.ABANDONED,
+                        f"{verdict.reason} stayed unchanged for {watch.window:g}s",
+                    )
+                # Free, ours already (renewed: it may be old), or abandoned.
+                try:
+                    # A takeover gets one try: if CouchDB cannot take this
+                    # write, the holder may not have been able to renew or
+                    # mark either, so the count starts again.
+                    claimed.doc = await self._claim(doc, retry=not lapsed)
+                except DocumentConflict:
+                    # Another worker claimed or settled it first, or a user
+                    # edited it (the row may also have been an old one).
+                    # Re-read in a batch with the others that lost a race:
+                    # during an overlap that is half of them.
+                    self.stats.claim_conflicts += 1
+                    doc = await self._look_again(doc_id, within=REREAD_DELAY)
+                    continue
+                except CouchTransientError:
+                    assert watch is not None
+                    watch.restart()
                     doc = await self._look_again(doc_id, within=CLAIM_POLL)
                     continue
-                if verdict.must_write:
-                    try:
-                        doc = await self._claim(doc)
-                    except DocumentConflict:
-                        # Another worker claimed or settled it first, or a user
-                        # edited it (the row may also have been an old one).
-                        # Re-read in a batch with the others that lost a race:
-                        # during an overlap that is half of them.
-                        self.stats.claim_conflicts += 1
-                        doc = await self._look_again(doc_id, within=REREAD_DELAY)
-                        continue
                 if verdict.verdict is Verdict.ABANDONED:
                     # Counted once the claim is ours: the row may have shown a
                     # claim that its holder has long since settled.
                     self.stats.takeovers += 1
                     log.info("message %s: took the claim over: %s", doc_id, verdict.reason)
             try:
-                doc, fields = await self._deliver(doc)
-            except _ClaimLost as lost:
-                doc = lost.doc
+                fields = await self._deliver_claimed(claimed)
+            except _ClaimLost:
+                doc, watch = claimed.fresh, None
                 continue
-            await self._mark(doc, fields)
+            await self._mark(claimed.doc, fields)
             self._remember(doc_id)
             return
         self.stats.skipped += 1
@@ -527,15 +563,16 @@ class Worker:
             raise _Abandoned
         return read.result()
 
-    async def _claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def _claim(self, doc: Mapping[str, Any], *, retry: bool = True) -> Mapping[str, Any]:
         """Write our claim onto ``doc`` with its ``_rev``; return the claimed doc.
 
-        Raises DocumentConflict when the doc changed since it was read.
+        Raises DocumentConflict when the doc changed since it was read, and
+        with ``retry=False`` CouchTransientError when CouchDB cannot take it.
         """
-        assert self.claimant is not None
-        claimed = {**doc, CLAIM: self.claimant.claim(time.time())}
         try:
-            rev = await self._couch_call(self._writer.write, claimed)
+            if not retry:
+                return await self._write_claim(doc)
+            return await self._couch_call(self._write_claim, doc)
         except CouchFatalError as e:
             if e.status not in (400, 413):
                 raise
@@ -544,45 +581,74 @@ class Worker:
             # unclaimed, as without claims, rather than stall the shard.
             log.error("message %s cannot be claimed: %s; sending it unclaimed", doc["_id"], e)
             return doc
-        return {**claimed, "_rev": rev}
 
-    async def _keep_claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Before a retry: renew our claim when less than half of it is left."""
-        if self.claimant is None or CLAIM not in doc:
-            return doc
-        verdict = assess(doc, self.claimant, now=time.time())
-        if verdict.verdict is Verdict.MINE:
-            return doc
+    async def _write_claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+        # Stamped at each try, so that a claim retried through an outage is
+        # not already old when it lands.
+        assert self.claimant is not None
+        claimed = {**doc, CLAIM: self.claimant.claim(time.time())}
+        return {**claimed, "_rev": await self._writer.write(claimed)}
+
+    async def _deliver_claimed(self, claimed: _Claimed) -> dict[str, Any]:
+        """Deliver while a keeper renews our claim every third of its ttl."""
+        if self.claimant is None or not self.claimant.owns(claimed.doc):
+            return await self._deliver(claimed)
+        keeper = asyncio.create_task(self._keep_claim(claimed, self.claimant.ttl / 3))
         try:
-            return await self._claim(doc)
-        except DocumentConflict:
+            return await self._deliver(claimed)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep_claim(self, claimed: _Claimed, every: float) -> None:
+        """Renew the claim until cancelled; on losing it, set ``claimed.lost``."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                claimed.doc = await self._claim(claimed.doc)
+                continue
+            except DocumentConflict:
+                pass
+            fresh = await self._couch_call(
+                self._couch.get_doc, self.settings.database, claimed.doc["_id"]
+            )
+            assert self.claimant is not None
+            if (
+                fresh is not None
+                and not is_settled(fresh)
+                and assess(fresh, self.claimant).verdict in (Verdict.MINE, Verdict.FREE)
+            ):
+                claimed.doc = fresh  # a user's edit: keep it, claim on top of it
+                continue
+            # Another worker took the claim over (we could not renew it for a
+            # whole ttl), or the message was settled or deleted meanwhile.
             self.stats.claim_conflicts += 1
-            raise _ClaimLost(
-                await self._couch_call(self._couch.get_doc, self.settings.database, doc["_id"])
-            ) from None
+            log.warning(
+                "message %s: our claim was taken over or the message settled while we "
+                "worked on it; not sending it again",
+                claimed.doc["_id"],
+            )
+            claimed.fresh, claimed.lost = fresh, True
+            return
 
-    async def _deliver(self, doc: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
-        """Deliver with retries; return the doc (its claim renewed) and the fields that
-        mark the outcome on it.
+    async def _deliver(self, claimed: _Claimed) -> dict[str, Any]:
+        """Deliver with retries; return the fields that mark the outcome on the doc.
 
-        Raises _ClaimLost if another worker took the claim over between attempts.
+        Raises _ClaimLost if another worker took the claim over before a retry.
         """
         s = self.settings
         backoff: Backoff | None = None  # made on the first failure: most never fail
         attempts = 0
-        first = True
         while True:
-            # Not `attempts`: a wait for an unreachable server uses up none,
-            # and the claim must outlive it all the same.
-            if not first:
-                doc = await self._keep_claim(doc)
-            first = False
+            if claimed.lost:
+                raise _ClaimLost
+            doc = claimed.doc
             attempts += 1
             started = time.monotonic()
             try:
                 receipt = await self._handler.deliver(doc)
             except PermanentDeliveryError as e:
-                return doc, self._dead_letter(doc, str(e), attempts)
+                return self._dead_letter(doc, str(e), attempts)
             except ChannelUnavailableError as e:
                 # The server is down: that is no fault of this message, so it
                 # does not use up its attempts; it waits for the server.
@@ -592,7 +658,7 @@ class Worker:
                     log.warning("%s; retrying with backoff", e)
             except TransientDeliveryError as e:
                 if attempts >= s.max_attempts:
-                    return doc, self._dead_letter(
+                    return self._dead_letter(
                         doc, f"gave up after {attempts} attempts: {e}", attempts
                     )
                 log.debug("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
@@ -603,7 +669,7 @@ class Worker:
                 # shard (it would fail again after every restart): it is
                 # dead-lettered, and the traceback logged for a bug report.
                 log.exception("message %s: unexpected error while delivering", doc.get("_id"))
-                return doc, self._dead_letter(
+                return self._dead_letter(
                     doc, f"unexpected error while delivering: {type(e).__name__}: {e}", attempts
                 )
             else:
@@ -617,7 +683,7 @@ class Worker:
                 if self.on_delivered is not None:
                     self.on_delivered(time.monotonic() - started)
                 log.debug("message %s delivered to the SMTP server", doc["_id"])
-                return doc, {
+                return {
                     NOTIFIED: True,
                     RECORD: {**receipt, **self._stamp(attempts, "sentAt")},
                 }

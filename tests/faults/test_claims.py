@@ -23,7 +23,7 @@ from support import DB, all_settled, assert_all_delivered_once, running, seed
 from notifier.claim import CLAIM
 from notifier.couch import seq_param
 from notifier.shard import Shard
-from notifier.testing.fake_couch import FakeCouch
+from notifier.testing.fake_couch import FakeCouch, FakeCouchError
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for
 from notifier.worker import NOTIFIED, RECORD
@@ -61,10 +61,10 @@ async def test_two_layouts_side_by_side_send_each_message_once(
     recipients = seed(fake, 60)
     layouts = [Shard(worker_id=i, worker_count=n) for n in (2, 3) for i in range(n)]
     async with AsyncExitStack() as stack:
-        workers = [
-            (await stack.enter_async_context(running(fake, smtp_sink, shard)))[0]
-            for shard in layouts
+        started = [
+            await stack.enter_async_context(running(fake, smtp_sink, shard)) for shard in layouts
         ]
+        workers = [worker for worker, _ in started]
         recipients |= seed(fake, 140, start=100)
         await wait_for(all_settled(fake, 200), timeout=60)
         await wait_for(lambda: all(len(w.tracker) == 0 for w in workers))
@@ -76,6 +76,7 @@ async def test_two_layouts_side_by_side_send_each_message_once(
     assert sum(w.stats.claim_conflicts + w.stats.claim_waits for w in workers) > 0
     # The mark removes the claim.
     assert not [d["_id"] for d in fake.docs(DB) if CLAIM in d]
+    assert [store.violations for _, store in started] == [[]] * len(layouts)
 
 
 async def test_a_live_claim_of_another_worker_is_waited_for_never_sent(
@@ -94,22 +95,48 @@ async def test_a_live_claim_of_another_worker_is_waited_for_never_sent(
     assert worker.stats.skipped == 1
 
 
-async def test_an_expired_claim_is_taken_over(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
-    expires_at = time.time() + 1.5
-    expires_mono = time.monotonic() + 1.5  # the sink stamps arrivals with the monotonic clock
-    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=expires_at))
-    async with running(fake, smtp_sink) as (worker, _):
+@pytest.mark.parametrize("expires", ["already", "in 10 minutes"])
+async def test_a_claim_unchanged_for_a_whole_ttl_is_taken_over(
+    fake: FakeCouch, smtp_sink: SmtpSink, expires: str
+) -> None:
+    # The holder's wall clock plays no part: a claim stamped to expire long
+    # ago (a fast clock) or far ahead (a slow one) is judged alike, by how
+    # long this worker has seen it unchanged.
+    now = time.time()
+    claim = claim_by("1/2", expires_at=now - 5 if expires == "already" else now + 600)
+    doc_id = claimed_message(fake, 0, claim)
+    first_look = time.monotonic()
+    async with running(fake, smtp_sink, claim_ttl=1.5) as (worker, store):
         await smtp_sink.await_count(1, timeout=20)
         await wait_for(lambda: len(worker.tracker) == 0)
-    # Never while the other worker's claim was live.
+    # Never before the claim had stayed unchanged for a whole ttl.
     (message,) = smtp_sink.messages
-    assert message.received_at >= expires_mono
+    assert message.received_at >= first_look + 1.5
     assert worker.stats.takeovers == 1
-    assert worker.stats.claim_waits >= 1
+    assert worker.stats.claim_waits >= 2
     doc = fake.get(DB, doc_id)
     assert doc is not None
     assert doc[NOTIFIED] is True
     assert CLAIM not in doc
+    assert store.violations == []
+
+
+async def test_a_renewed_claim_is_never_taken_over(fake: FakeCouch, smtp_sink: SmtpSink) -> None:
+    # A live holder renews its claim; its wall clock says it expired long ago.
+    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=time.time() - 60))
+    async with running(fake, smtp_sink, claim_ttl=1.0) as (worker, _):
+        for n in range(8):  # 2 s, two ttls
+            await asyncio.sleep(0.25)
+            doc = fake.get(DB, doc_id)
+            assert doc is not None
+            fake.put(DB, {**doc, CLAIM: {**doc[CLAIM], "claimedAt": f"renewal {n}"}})
+        doc = fake.get(DB, doc_id)
+        assert doc is not None
+        fake.put(DB, {**doc, NOTIFIED: True})
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert worker.stats.takeovers == 0
+    assert worker.stats.claim_waits >= 2
+    assert smtp_sink.messages == []
 
 
 @pytest.mark.parametrize("left_by", ["an earlier run of this worker", "a process that is gone"])
@@ -130,22 +157,31 @@ async def test_a_claim_whose_holder_is_known_to_be_gone_is_taken_over_at_once(
     assert len(smtp_sink.messages) == 1
 
 
-async def test_the_claim_is_renewed_between_retries_and_a_lost_claim_is_not_sent(
+async def test_the_claim_is_renewed_while_retrying_and_a_lost_claim_is_not_sent(
     fake: FakeCouch, smtp_sink: SmtpSink
 ) -> None:
     seed(fake, 1)
-    renewals: list[float] = []
+    seen: list[float] = []
     taken = asyncio.Event()
+
+    def take_over() -> None:
+        # Another worker takes the claim over; retried if a renewal lands first.
+        while True:
+            doc = fake.get(DB, "msg-00000")
+            assert doc is not None
+            try:
+                fake.put(DB, {**doc, CLAIM: claim_by("2/3", expires_at=time.time() + 600)})
+                return
+            except FakeCouchError:
+                continue
 
     def flaky(envelope: Any) -> str | None:
         doc = fake.get(DB, "msg-00000")
         assert doc is not None
-        renewals.append(doc[CLAIM]["expires_at"])
-        if len(renewals) < 4:
-            return "451 try again later"
-        # Another worker takes the claim over while this one waits to retry.
-        fake.put(DB, {**doc, CLAIM: claim_by("2/3", expires_at=time.time() + 600)})
-        taken.set()
+        seen.append(doc[CLAIM]["expires_at"])
+        if len(seen) == 4:
+            take_over()
+            taken.set()
         return "451 try again later"
 
     smtp_sink.reject = flaky
@@ -154,30 +190,35 @@ async def test_the_claim_is_renewed_between_retries_and_a_lost_claim_is_not_sent
     ) as (worker, _):
         await wait_for(taken.is_set, timeout=20)
         await wait_for(lambda: worker.stats.claim_waits >= 1, timeout=20)
-        attempts = len(renewals)
+        attempts = len(seen)
         # The new holder settles it; this worker never tries again.
         doc = fake.get(DB, "msg-00000")
         assert doc is not None
         fake.put(DB, {**doc, NOTIFIED: True})
         await wait_for(lambda: len(worker.tracker) == 0)
-    assert len(renewals) == attempts
+    assert len(seen) == attempts
     assert worker.stats.claim_conflicts == 1
-    # 0.4 s between attempts against a 1 s claim: renewed every other attempt.
-    assert len(set(renewals)) >= 2
+    # Renewed every third of a second while it retried.
+    assert len(set(seen)) >= 2
     assert smtp_sink.messages == []
 
 
 async def test_a_stop_gives_up_waiting_for_another_workers_claim(
     fake: FakeCouch, smtp_sink: SmtpSink
 ) -> None:
-    doc_id = claimed_message(fake, 0, claim_by("1/2", expires_at=time.time() + 600))
+    # One message to send, then one another worker holds.
+    seed(fake, 1)
+    doc_id = claimed_message(fake, 1, claim_by("1/2", expires_at=time.time() + 600))
     async with running(fake, smtp_sink, drain_timeout=60.0) as (worker, store):
-        await wait_for(lambda: worker.stats.claim_waits >= 1)
+        await wait_for(lambda: worker.stats.claim_waits >= 1 and store.saved is not None)
     # Given up at once, not cancelled at the drain deadline.
     assert worker.stats.abandoned == 1
-    # The checkpoint stays before it: a restart sees it again.
-    assert store.saved is None or doc_id in fake.changed_since(DB, seq_param(store.saved))
-    assert smtp_sink.messages == []
+    # The checkpoint moved past the first message but stays before the held
+    # one: a restart sees it again.
+    assert store.saved is not None
+    assert doc_id in fake.changed_since(DB, seq_param(store.saved))
+    assert len(smtp_sink.messages) == 1
+    assert store.violations == []
 
 
 async def test_with_claims_off_nothing_is_written_before_sending(
@@ -209,7 +250,7 @@ async def test_an_old_row_showing_a_claim_long_settled_is_not_a_takeover(
 ) -> None:
     # A layout that starts during an overlap reads rows written before the
     # other layout settled them: the row still shows that layout's claim.
-    gone = claim_by("1/2", expires_at=time.time() - 1)
+    gone = claim_by("1/2", expires_at=time.time() + 600, host=HERE, pid=dead_pid())
     doc_id = claimed_message(fake, 0, gone)
     stale_row = fake.get(DB, doc_id)
     assert stale_row is not None
@@ -239,3 +280,45 @@ async def test_the_claim_outlives_a_wait_for_an_unreachable_smtp_server(
     (doc,) = fake.docs(DB)
     claim_writes = int(doc["_rev"].split("-")[0]) - 2  # less the creation and the mark
     assert claim_writes >= 3, "claimed, then renewed at least twice"
+
+
+@pytest.mark.parametrize("outage", ["before the claim lands", "after the send, before the mark"])
+async def test_a_couchdb_outage_longer_than_the_claim_does_not_send_twice(
+    fake: FakeCouch, smtp_sink: SmtpSink, outage: str
+) -> None:
+    # Two layouts and a claim that lasts 1 s. Either CouchDB refuses writes
+    # for 2 s while both workers claim (the claim that lands late must not
+    # be stale), or it is down for 2 s right after the send (the holder
+    # cannot mark or renew; the waiter must not take over the moment it is
+    # back).
+    smtp_sink.delay = 0.5
+    layouts = [Shard(worker_id=0, worker_count=1), Shard(worker_id=0, worker_count=2)]
+    n = next(n for n in range(100) if layouts[1].owns(f"msg-{n:05d}"))
+    # Retries after the outage come up to 0.6 s late, on both sides.
+    settings = {"claim_ttl": 1.0, "couch_retry_base": 0.3, "couch_retry_cap": 0.6}
+    sends = 0
+
+    def down_after_the_first_send(envelope: Any) -> str | None:
+        nonlocal sends
+        sends += 1
+        if sends == 1:
+            fake.refuse_connections(seconds=2.0)
+        return None
+
+    if outage == "before the claim lands":
+        fake.fail_requests(status=503, path=r"/_bulk_docs$")
+    else:
+        smtp_sink.reject = down_after_the_first_send
+    async with AsyncExitStack() as stack:
+        workers = [
+            (await stack.enter_async_context(running(fake, smtp_sink, shard, **settings)))[0]
+            for shard in layouts
+        ]
+        recipients = seed(fake, 1, start=n)
+        if outage == "before the claim lands":
+            await asyncio.sleep(2.0)
+            fake.clear_faults()
+        await wait_for(all_settled(fake, 1), timeout=20)
+        await asyncio.sleep(1.5)  # a waiter that would take over has had its ttl
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    assert sum(w.stats.takeovers for w in workers) == 0
