@@ -593,19 +593,31 @@ class Worker:
         """Deliver while a keeper renews our claim every third of its ttl."""
         if self.claimant is None or not self.claimant.owns(claimed.doc):
             return await self._deliver(claimed)
-        keeper = asyncio.create_task(self._keep_claim(claimed, self.claimant.ttl / 3))
+        every = self.claimant.ttl / 3
+        keeper: asyncio.Task[None] | None = None
+
+        def start_keeper() -> None:
+            nonlocal keeper
+            keeper = asyncio.create_task(self._keep_claim(claimed, every))
+
+        # Most sends end long before the first renewal is due: a timer costs
+        # them less than a task.
+        timer = asyncio.get_running_loop().call_later(every, start_keeper)
         try:
             return await self._deliver(claimed)
         finally:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            timer.cancel()
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
 
     async def _keep_claim(self, claimed: _Claimed, every: float) -> None:
-        """Renew the claim until cancelled; on losing it, set ``claimed.lost``."""
+        """Renew the claim now and every ``every`` seconds until cancelled; on
+        losing it, set ``claimed.lost``."""
         while True:
-            await asyncio.sleep(every)
             try:
                 claimed.doc = await self._claim(claimed.doc)
+                await asyncio.sleep(every)
                 continue
             except DocumentConflict:
                 pass
