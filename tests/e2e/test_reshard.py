@@ -43,7 +43,7 @@ pytestmark = pytest.mark.e2e
 
 MAX_PARALLEL = 10
 SMTP_TIMEOUT = 2.0
-CLAIM_TTL = 4.0  # at least 2 x SMTP_TIMEOUT, as the config requires
+CLAIM_TTL = 4.0  # a frozen worker's claims are taken over after this long
 #: Seconds both layouts run side by side once the new one is following.
 OVERLAP = 3.0
 
