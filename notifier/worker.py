@@ -51,7 +51,7 @@ from notifier.claim import (
     assess,
     without_claim,
 )
-from notifier.couch import CouchClient
+from notifier.couch import CouchClient, short_reason
 from notifier.errors import (
     ChannelUnavailableError,
     CouchFatalError,
@@ -720,6 +720,7 @@ class Worker:
         re-check, never resend."""
         database, doc_id = self.settings.database, doc["_id"]
         current: Mapping[str, Any] = doc
+        bare = False
         while True:
             try:
                 await self._couch_call(self._writer.write, {**without_claim(current), **fields})
@@ -729,6 +730,18 @@ class Worker:
             except CouchFatalError as e:
                 if e.status not in (400, 413):
                     raise  # auth, permissions, a missing database: stop the worker
+                if not bare:
+                    # Try the bare outcome, without our record: smaller than
+                    # the claim the server took, and what applications read.
+                    # An unmarked message keeps its claim, and another
+                    # layout would send it again once the claim lapses.
+                    bare, fields = True, bare_outcome(fields)
+                    log.warning(
+                        "message %s: the server refused our mark (%s); writing the bare outcome",
+                        doc_id,
+                        short_reason(e),
+                    )
+                    continue
                 # The server will never accept this document with our mark
                 # (too large, or refused by a validation function). The email
                 # went out; stopping would resend it after every restart.
@@ -826,6 +839,19 @@ class Worker:
             else:
                 log.debug("checkpoint %r written", seq)
         self.checkpoint_ok_at = time.monotonic()
+
+
+def bare_outcome(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The least of a mark: the flag, or the dead letter's reason.
+
+    >>> bare_outcome({NOTIFIED: True, RECORD: {"messageId": "<m1@x>"}})
+    {'notifiedRecipient': True}
+    >>> bare_outcome({FAILED: {"reason": "no 'to' field", "worker": "0/1"}})
+    {'notificationFailed': {'reason': "no 'to' field"}}
+    """
+    if NOTIFIED in fields:
+        return {NOTIFIED: True}
+    return {FAILED: {"reason": str(fields[FAILED].get("reason", ""))[:500]}}
 
 
 def is_settled(doc: Mapping[str, Any]) -> bool:

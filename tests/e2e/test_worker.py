@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -13,6 +13,7 @@ from realservers import CouchTestDB
 from scenario import MakeConfig, message, seed
 
 from notifier.checkpoint import CheckpointStore
+from notifier.claim import CLAIM
 from notifier.couch import CouchClient
 from notifier.errors import CouchFatalError, DeliveryFatalError
 from notifier.handler import Receipt
@@ -440,21 +441,31 @@ class RefusingMarks(httpx.AsyncBaseTransport):
     out before the batch is forwarded, and its row comes back as an error.
     """
 
-    def __init__(self, database: str, doc_id: str) -> None:
+    def __init__(
+        self,
+        database: str,
+        doc_id: str,
+        refuse: Callable[[dict[str, Any]], bool] = lambda doc: True,
+    ) -> None:
         self._inner = httpx.AsyncHTTPTransport()
         self._database = database
         self._doc_id = doc_id
+        self._refuse = refuse
         self.refused = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         error = {"id": self._doc_id, "error": "too_large", "reason": "the document is too large"}
-        if request.method == "PUT" and path == f"/{self._database}/{self._doc_id}":
+        single = request.method == "PUT" and path == f"/{self._database}/{self._doc_id}"
+        if single and self._refuse(json.loads(await request.aread())):
             self.refused += 1
             return httpx.Response(413, json=error)
         if request.method == "POST" and path == f"/{self._database}/_bulk_docs":
             docs = json.loads(await request.aread())["docs"]
-            index = next((i for i, d in enumerate(docs) if d.get("_id") == self._doc_id), None)
+            index = next(
+                (i for i, d in enumerate(docs) if d.get("_id") == self._doc_id and self._refuse(d)),
+                None,
+            )
             if index is not None:
                 self.refused += 1
                 rest = docs[:index] + docs[index + 1 :]
@@ -487,8 +498,25 @@ async def test_a_sent_message_the_server_will_not_let_us_mark_counts_as_done(
     # unmarked doc: it was delivered once, logged, and the checkpoint moved on.
     assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
     assert worker.stats.unmarkable == 1
-    assert transport.refused == 2, "the claim, then the mark"
+    assert transport.refused == 3, "the claim, the mark, the bare outcome"
     assert NOTIFIED not in couch.get("msg-00000")
+
+
+async def test_a_mark_refused_as_too_large_falls_back_to_the_bare_flag(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    # The claim fits, the mark with its record does not: the flag alone
+    # settles the message and drops the claim, so no other worker sends it.
+    seed(couch, 2)
+    transport = RefusingMarks(couch.name, "msg-00000", refuse=lambda doc: RECORD in doc)
+    async with worker_running(make_config(), transport=transport) as worker:
+        await wait_for(lambda: len(settled(couch)) == 2 and len(worker.tracker) == 0)
+    assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
+    assert transport.refused == 1
+    assert worker.stats.unmarkable == 0
+    doc = couch.get("msg-00000")
+    assert doc[NOTIFIED] is True
+    assert RECORD not in doc and CLAIM not in doc
 
 
 async def test_a_relay_refusing_our_sender_stops_the_worker_instead_of_dead_lettering(
