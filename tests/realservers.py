@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from urllib.parse import quote
 
 import httpx
 
+from notifier.testing import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_DIR = REPO_ROOT / "tests" / "servers"
 POUCHDB_BIN = SERVERS_DIR / "node_modules" / ".bin" / "pouchdb-server"
@@ -32,14 +33,6 @@ INSTALL_COMMAND = "npm ci --ignore-scripts --no-audit --no-fund --prefix tests/s
 _LOOPBACK = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DB_NAME_UNSAFE = re.compile(r"[^a-z0-9_]+")
-
-
-def free_port(host: str = _LOOPBACK) -> int:
-    """A port that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PouchDBServer:

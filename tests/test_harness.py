@@ -20,11 +20,10 @@ from realservers import (
     CouchError,
     CouchTestDB,
     PouchDBServer,
-    free_port,
     unique_db_name,
 )
 
-from notifier.testing import ReceivedEnvelopeInfo, SmtpSink
+from notifier.testing import ReceivedEnvelopeInfo, SmtpSink, free_port
 
 
 def _email(to: str = "whaa@example.com", subject: str = "Test 123") -> EmailMessage:

@@ -4,6 +4,12 @@
 and can be told to be slow or to refuse messages.
 """
 
-from notifier.testing.smtp import ReceivedEnvelopeInfo, ReceivedMessage, RefusedMessage, SmtpSink
+from notifier.testing.smtp import (
+    ReceivedEnvelopeInfo,
+    ReceivedMessage,
+    RefusedMessage,
+    SmtpSink,
+    free_port,
+)
 
-__all__ = ["ReceivedEnvelopeInfo", "ReceivedMessage", "RefusedMessage", "SmtpSink"]
+__all__ = ["ReceivedEnvelopeInfo", "ReceivedMessage", "RefusedMessage", "SmtpSink", "free_port"]

@@ -83,7 +83,11 @@ RejectRecipientHook = Callable[[str], str | None]
 DropHook = Callable[[ReceivedEnvelopeInfo], bool]
 
 
-def _pick_free_port(host: str) -> int:
+def free_port(host: str = _LOOPBACK) -> int:
+    """A loopback port that was free a moment ago (another process may still take it).
+
+    For servers that cannot bind port 0 themselves, as aiosmtpd's Controller.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -311,7 +315,7 @@ class SmtpSink:
         # aiosmtpd cannot bind port 0 and report the port it got, so a free
         # port is chosen first; another process may take it in between.
         for _ in range(_BIND_ATTEMPTS):
-            port = _pick_free_port(self.host)
+            port = free_port(self.host)
             controller = self._make_controller(port)
             try:
                 controller.start()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realservers import CouchTestDB, free_port, unique_db_name
+from realservers import CouchTestDB, unique_db_name
 from scenario import message
 from test_ops import Backend, backend_for, four_layouts, put_checkpoint
 
@@ -24,6 +24,7 @@ from notifier import layout
 from notifier.checkpoint import checkpoint_id
 from notifier.prune import prune_checkpoints
 from notifier.shard import Shard
+from notifier.testing import free_port
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for, worker_running

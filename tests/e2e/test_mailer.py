@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from aiosmtpd.controller import Controller
-from realservers import free_port
 
 from notifier.config import SmtpConfig
 from notifier.errors import ChannelUnavailableError, PermanentDeliveryError
 from notifier.mailer import EmailHandler, SmtpPool
 from notifier.message import Composer
+from notifier.testing import free_port
 from notifier.testing.smtp import SmtpSink
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from realservers import free_port
 from scenario import to_toml
 
+from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from realservers import free_port, unique_db_name
+from realservers import unique_db_name
 from scenario import message
 
 from notifier import config as config_module
@@ -37,6 +37,7 @@ from notifier.errors import CouchError, DeliveryError, SmtpLoginRefused
 from notifier.lease import Holder, Lease
 from notifier.shard import Shard
 from notifier.status import StatusReport, WorkerStatus, gather_status
+from notifier.testing import free_port
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 from notifier.testing.server import FakeCouchServer
 from notifier.testing.smtp import SmtpSink

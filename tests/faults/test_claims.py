@@ -17,12 +17,12 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from realservers import free_port
 from support import DB, all_settled, assert_all_delivered_once, running, seed
 
 from notifier.claim import CLAIM
 from notifier.couch import seq_param
 from notifier.shard import Shard
+from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch, FakeCouchError
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for

@@ -41,9 +41,9 @@ from harness import (
     read_checkpoint,
     wait_until,
 )
-from realservers import free_port
 from scenario import ScenarioRecord, message
 
+from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import ReceivedEnvelopeInfo, SmtpSink
 from notifier.worker import FAILED, NOTIFIED, RECORD
