@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from types import TracebackType
-from typing import Literal, Self
+from typing import Generic, Literal, Self, TypeVar
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -111,6 +111,33 @@ class _State:
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
+
+
+T = TypeVar("T")
+
+
+class _Knob(Generic[T]):
+    """A fault knob of :class:`SmtpSink`: kept in its :class:`_State`, read and
+    set under the lock, since the server's loop thread reads it."""
+
+    def __init__(self, check: Callable[[T], str | None] | None = None) -> None:
+        self._check = check
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, sink: SmtpSink, owner: type | None = None) -> T:
+        with sink._state.lock:
+            value: T = getattr(sink._state, self._name)
+            return value
+
+    def __set__(self, sink: SmtpSink, value: T) -> None:
+        problem = None if self._check is None else self._check(value)
+        if problem is not None:
+            raise ValueError(problem)
+        with sink._state.lock:
+            setattr(sink._state, self._name, value)
 
 
 class _Handler:
@@ -392,59 +419,13 @@ class SmtpSink:
         # with the default it sends nothing and the client hangs.
         return AuthResult(success=ok, handled=False)
 
-    # -- fault knobs -------------------------------------------------------
+    # -- fault knobs (see the class docstring) ---------------------------------
 
-    @property
-    def delay(self) -> float:
-        with self._state.lock:
-            return self._state.delay
-
-    @delay.setter
-    def delay(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("delay must be >= 0")
-        with self._state.lock:
-            self._state.delay = seconds
-
-    @property
-    def drop(self) -> DropHook | None:
-        with self._state.lock:
-            return self._state.drop
-
-    @drop.setter
-    def drop(self, hook: DropHook | None) -> None:
-        with self._state.lock:
-            self._state.drop = hook
-
-    @property
-    def reject(self) -> RejectHook | None:
-        with self._state.lock:
-            return self._state.reject
-
-    @reject.setter
-    def reject(self, hook: RejectHook | None) -> None:
-        with self._state.lock:
-            self._state.reject = hook
-
-    @property
-    def reject_sender(self) -> RejectRecipientHook | None:
-        with self._state.lock:
-            return self._state.reject_sender
-
-    @reject_sender.setter
-    def reject_sender(self, hook: RejectRecipientHook | None) -> None:
-        with self._state.lock:
-            self._state.reject_sender = hook
-
-    @property
-    def reject_recipient(self) -> RejectRecipientHook | None:
-        with self._state.lock:
-            return self._state.reject_recipient
-
-    @reject_recipient.setter
-    def reject_recipient(self, hook: RejectRecipientHook | None) -> None:
-        with self._state.lock:
-            self._state.reject_recipient = hook
+    delay: _Knob[float] = _Knob(lambda seconds: "delay must be >= 0" if seconds < 0 else None)
+    drop: _Knob[DropHook | None] = _Knob()
+    reject: _Knob[RejectHook | None] = _Knob()
+    reject_sender: _Knob[RejectRecipientHook | None] = _Knob()
+    reject_recipient: _Knob[RejectRecipientHook | None] = _Knob()
 
     # -- what arrived ------------------------------------------------------
 
