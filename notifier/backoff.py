@@ -1,7 +1,7 @@
 """Jittered exponential backoff.
 
 Retries of CouchDB requests, of the feed connection and of transient SMTP
-failures all wait with "full jitter" (a uniform random delay between 0 and an
+failures all wait a jittered delay (uniform between half the base and an
 exponentially growing cap), so that many workers restarting together do not
 hit a recovering server in lock-step.
 """

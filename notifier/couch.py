@@ -309,19 +309,16 @@ async def _lines(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
     # also at U+2028, U+2029 and U+0085, which JSON strings may hold raw (and
     # PouchDB Server sends them so): a row would be cut in two, and the feed
     # would stall on it forever. Raw LF never occurs inside JSON.
+    # Errors while reading reach changes() (the caller reads inside its
+    # `async with`), which turns them into CouchErrors.
     pending = b""
-    try:
-        async for chunk in response.aiter_bytes():
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                yield line
-        if pending:
-            yield pending
-    except httpx.TimeoutException as e:
-        raise CouchTimeoutError(f"CouchDB {what}: no data in time ({_name(e)})") from e
-    except httpx.TransportError as e:
-        raise CouchTransientError(f"CouchDB {what}: {_name(e)}: {e}") from e
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line
+    if pending:
+        yield pending
 
 
 def _name(e: BaseException) -> str:
@@ -361,9 +358,14 @@ def _status_error(response: httpx.Response, what: str) -> CouchError:
     if status == 403:
         message += " (the [couch] user lacks permission on this database)"
         return CouchAccessDenied(message, status=status, error=error, reason=reason)
-    if status == 404 and reason in ("no_db_file", "Database does not exist."):
+    if status == 404 and reason in _MISSING_DATABASE:
         message += " (the database does not exist)"
     return CouchFatalError(message, status=status, error=error, reason=reason)
+
+
+#: The 404 reasons that mean the database (not a document) is missing:
+#: PouchDB Server's and CouchDB's.
+_MISSING_DATABASE = ("no_db_file", "Database does not exist.")
 
 
 def short_reason(error: CouchError) -> str:
@@ -380,4 +382,4 @@ def short_reason(error: CouchError) -> str:
 
 def is_missing_database(error: CouchError) -> bool:
     """Whether a 404 is about the database rather than a document."""
-    return error.status == 404 and error.reason in ("no_db_file", "Database does not exist.")
+    return error.status == 404 and error.reason in _MISSING_DATABASE

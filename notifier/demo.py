@@ -39,7 +39,7 @@ from notifier.couch import CouchClient
 from notifier.errors import ConfigError, NotifierError
 from notifier.runner import EXIT_FORCED, run_worker
 from notifier.shard import Shard
-from notifier.worker import Worker
+from notifier.worker import FAILED, Worker
 
 __all__ = [
     "MALFORMED_COUNT",
@@ -393,7 +393,7 @@ class _Demo:
                     self.event(f"delivered to {', '.join(recipients)}: {path}")
             for doc_id in sorted(unreported):
                 doc = await couch.get_doc(target.database, doc_id)
-                failure = (doc or {}).get("notificationFailed")
+                failure = (doc or {}).get(FAILED)
                 if isinstance(failure, dict):
                     unreported.discard(doc_id)
                     self.event(f"dead-lettered {doc_id}: {failure.get('reason')}")

@@ -1,8 +1,9 @@
 """The one exception root of notifier, and what each branch means.
 
 Every error the daemon raises on purpose derives from :class:`NotifierError`.
-The tree says what failed; the ``retriable`` attribute says whether trying the
-same thing again later can help, and that attribute alone drives retries::
+The tree says what failed, and the branch says whether trying the same thing
+again later can help: callers retry ``CouchTransientError`` and
+``TransientDeliveryError`` and nothing else::
 
     NotifierError
     ├── ConfigError                 bad or unreadable configuration (never retried)
@@ -29,8 +30,6 @@ from __future__ import annotations
 
 class NotifierError(Exception):
     """Root of every error notifier raises on purpose."""
-
-    retriable: bool = False
 
 
 class ConfigError(NotifierError, ValueError):
@@ -76,8 +75,6 @@ class DocumentConflict(CouchError):
 class CouchTransientError(CouchError):
     """CouchDB is overloaded, restarting or unreachable; the request may succeed later."""
 
-    retriable = True
-
 
 class CouchTimeoutError(CouchTransientError, TimeoutError):
     """No answer from CouchDB within the configured time."""
@@ -97,8 +94,6 @@ class PermanentDeliveryError(DeliveryError):
 
 class TransientDeliveryError(DeliveryError):
     """The message could not be delivered now; it may be later."""
-
-    retriable = True
 
 
 class ChannelUnavailableError(TransientDeliveryError, ConnectionError):

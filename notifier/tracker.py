@@ -46,12 +46,11 @@ class InFlightTracker:
         self._pending: SortedSet = SortedSet()
         # Seqs still needed to answer `checkpoint`, keyed by arrival number.
         self._seqs: dict[int, Seq] = {}
-        self._completed = 0
 
     def __repr__(self) -> str:
         return (
             f"<InFlightTracker arrived={self._last_arrival} pending={len(self._pending)} "
-            f"completed={self._completed}>"
+            f"completed={self._last_arrival - len(self._pending)}>"
         )
 
     def __len__(self) -> int:
@@ -83,7 +82,6 @@ class InFlightTracker:
         if arrival not in self._pending:
             raise ValueError(f"arrival {arrival} is not in flight")
         self._pending.remove(arrival)
-        self._completed += 1
         # Its own seq is needed only as the newest, or as the predecessor of
         # the next arrival if that one is still unfinished.
         if arrival != self._last_arrival and arrival + 1 not in self._pending:
@@ -124,5 +122,4 @@ class InFlightTracker:
         assert set(self._seqs) == needed, (
             f"kept seqs {sorted(self._seqs)} != needed {sorted(needed)}"
         )
-        assert self._completed == self._last_arrival - len(pending), "completion count"
         assert len(self._seqs) <= 2 * len(pending) + 1, "memory bounded by unfinished rows"

@@ -316,7 +316,8 @@ class Worker:
             return
         follower = asyncio.create_task(self._follow(0 if since is None else since))
         # The lease is renewed by the same kind of task as the checkpoint
-        # timer, and until after the final checkpoint.
+        # timer; renewal stops with it, and the lease is released after the
+        # final checkpoint.
         timers = [asyncio.create_task(self._checkpoint_timer())]
         if self._lease is not None:
             timers.append(asyncio.create_task(self._lease.keep()))
@@ -409,8 +410,7 @@ class Worker:
 
     def _on_message_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._fail(task.exception())  # type: ignore[arg-type]
+        self._on_background_done(task)
 
     # -- intake --------------------------------------------------------------
 
