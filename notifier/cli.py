@@ -1,22 +1,8 @@
 """The ``notifier`` command line.
 
-Exit statuses (documented in README.md; systemd units rely on them):
-
-====  =========================================================================
-0     clean stop (SIGINT or SIGTERM, in-flight work drained); check, status,
-      prune-checkpoints: all good
-1     status: at least one worker is stale
-2     bad command line
-65    render: the document would be dead-lettered (the reason is printed)
-69    CouchDB unreachable or failing at start-up, missing database,
-      unreadable checkpoint, or a fatal CouchDB error while running
-70    unexpected crash (a bug: the log has the traceback)
-75    lost the worker's lease to another process (restart: it waits as standby)
-76    SMTP server unreachable at start-up, TLS failed, or sender refused
-77    credentials or permissions refused (CouchDB 401/403, SMTP login)
-78    configuration error (file, key and problem are named)
-130   a second SIGINT or SIGTERM ended the process at once
-====  =========================================================================
+Exit statuses are listed once, in :data:`EXIT_STATUSES`: ``notifier --help``
+shows them, README.md explains them (a test keeps the two in step), and
+systemd units rely on them.
 """
 
 from __future__ import annotations
@@ -62,7 +48,22 @@ EXIT_LEASE = 75
 EXIT_SMTP = 76
 EXIT_ACCESS = 77
 EXIT_CONFIG = 78
-__all__ = ["EXIT_FORCED", "main"]
+
+#: Every exit status and its short meaning, for ``--help`` and README.md.
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "clean stop (check, status, prune-checkpoints, render: all good)"),
+    (EXIT_STALE, "status: a worker is stale; demo: it failed"),
+    (EXIT_USAGE, "bad command line"),
+    (EXIT_DATA, "render: undeliverable document"),
+    (EXIT_COUCH, "CouchDB error"),
+    (EXIT_CRASH, "crash"),
+    (EXIT_LEASE, "lease lost"),
+    (EXIT_SMTP, "SMTP error"),
+    (EXIT_ACCESS, "credentials or permissions refused"),
+    (EXIT_CONFIG, "configuration error"),
+    (EXIT_FORCED, "forced stop (second signal)"),
+)
+__all__ = ["EXIT_STATUSES", "main"]
 
 DEFAULT_CONFIG = "/etc/notifier/config.toml"
 
@@ -76,13 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Follow a CouchDB database's _changes feed and email the recipient of every new "
             "message document, once."
         ),
-        epilog=(
-            "exit statuses: 0 clean stop (check, status, prune-checkpoints: all good), "
-            "1 status: a worker is stale, 2 bad command line, "
-            "65 render: undeliverable document, 69 CouchDB error, "
-            "70 crash, 75 lease lost, 76 SMTP error, 77 credentials or permissions refused, "
-            "78 configuration error, 130 forced stop (second signal)"
-        ),
+        epilog="exit statuses: "
+        + ", ".join(f"{status} {meaning}" for status, meaning in EXIT_STATUSES),
     )
     parser.add_argument("--version", action="version", version=f"notifier {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

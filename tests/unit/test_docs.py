@@ -3,7 +3,7 @@
 docs/configuration.md has one table per config section; every key of the
 config dataclasses must be there with its type and its default, and nothing
 else. docs/*.md links and `path::test` references must point at things that
-exist.
+exist, and README's exit statuses are the command line's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Literal
 import pytest
 
 from notifier import config
+from notifier.cli import EXIT_STATUSES
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -178,3 +179,10 @@ def test_referenced_modules_and_tests_exist(name: str) -> None:
     for path, test in set(re.findall(r"`(tests/[\w/.]+\.py)::(\w+)`", text)):
         source = (ROOT / path).read_text(encoding="utf-8")
         assert re.search(rf"def {test}\(", source), f"{name}: no {test} in {path}"
+
+
+def test_the_readme_lists_every_exit_status_and_no_other() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Exit statuses", 1)[1].split("\n#", 1)[0]
+    documented = [int(m) for m in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)]
+    assert documented == [status for status, _ in EXIT_STATUSES]
