@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 from notifier.couch import CouchClient, Doc, is_missing_database
 from notifier.errors import CouchError, CouchFatalError
-from notifier.lease import Lease, holder_is_gone, is_released, pid_alive
+from notifier.lease import Lease, lease_state, parse_time, pid_alive
 from notifier.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -136,29 +136,6 @@ async def read_slot_docs(
     return SlotDocs(checkpoints=checkpoints, leases=leases)
 
 
-def parse_time(value: Any) -> float | None:
-    """Epoch seconds from a number or an ISO 8601 string (UTC if it names no zone).
-
-    >>> parse_time(1740910540.5), parse_time("2025-03-02T10:15:40+00:00")
-    (1740910540.5, 1740910540.0)
-    >>> parse_time("yesterday") is None, parse_time(True) is None
-    (True, True)
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
 def lease_is_live(
     lease: Mapping[str, Any] | None,
     *,
@@ -178,12 +155,7 @@ def lease_is_live(
     >>> lease_is_live({"released_at": 95.0, "expires_at": 195.0}, now=100.0)
     False
     """
-    if lease is None or is_released(lease):
-        return False
-    expires_at = parse_time(lease.get("expires_at"))
-    if expires_at is None or expires_at <= now:
-        return False
-    return here is None or not holder_is_gone(lease, host=here, alive=alive)
+    return lease_state(lease, now=now, here=here, alive=alive) == "live"
 
 
 def slot_last_ran(

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from notifier.checkpoint import checkpoint_id
 from notifier.couch import CouchClient, is_missing_database
@@ -74,6 +74,63 @@ class Holder:
         return cls(run_id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
 
 
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds from a number or an ISO 8601 string (UTC if it names no zone).
+
+    >>> parse_time(1740910540.5), parse_time("2025-03-02T10:15:40+00:00")
+    (1740910540.5, 1740910540.0)
+    >>> parse_time("yesterday") is None, parse_time(True) is None
+    (True, True)
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+LeaseState = Literal["missing", "released", "expired", "gone", "live"]
+
+
+def lease_state(
+    lease: Mapping[str, Any] | None,
+    *,
+    now: float,
+    here: str | None,
+    alive: Callable[[int], bool] = pid_alive,
+) -> LeaseState:
+    """Whether anyone holds a lease at ``now``, and if not, why not.
+
+    ``gone``: its holder ran on ``here`` (this host) and its pid no longer
+    exists; with ``here=None`` that is not checked.
+
+    >>> lease_state({"run_id": "a", "expires_at": 130.0}, now=100.0, here=None)
+    'live'
+    >>> lease_state({"run_id": "a", "expires_at": 90.0}, now=100.0, here=None)
+    'expired'
+    >>> lease_state({"released_at": 95.0, "expires_at": 195.0}, now=100.0, here=None)
+    'released'
+    """
+    if lease is None:
+        return "missing"
+    if is_released(lease):
+        return "released"
+    expires_at = parse_time(lease.get("expires_at"))
+    if expires_at is None or expires_at <= now:
+        return "expired"
+    if here is not None and holder_is_gone(lease, host=here, alive=alive):
+        return "gone"
+    return "live"
+
+
 def free_to_take(
     lease: Mapping[str, Any] | None,
     *,
@@ -100,16 +157,17 @@ def free_to_take(
     >>> free_to_take(released, me=me, now=100.0)
     'it was released'
     """
-    if lease is None:
+    state = lease_state(lease, now=now, here=me.host, alive=alive)
+    if state == "missing":
         return "no lease yet"
-    if is_released(lease):
+    if state == "released":
         return "it was released"
+    assert lease is not None
     if lease.get("run_id") == me.run_id:
         return "it is ours"
-    expires_at = lease.get("expires_at")
-    if not isinstance(expires_at, int | float) or expires_at <= now:
+    if state == "expired":
         return "the lease expired"
-    if holder_is_gone(lease, host=me.host, alive=alive):
+    if state == "gone":
         return f"its holder (pid {lease.get('pid')} on this host) is gone"
     return None
 

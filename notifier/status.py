@@ -29,13 +29,11 @@ from notifier.layout import (
     format_duration,
     iso_time,
     layout_states,
-    lease_is_live,
-    parse_time,
     read_slot_docs,
     slot_last_ran,
     workers_text,
 )
-from notifier.lease import holder_is_gone, is_released
+from notifier.lease import is_released, lease_state, parse_time
 from notifier.tracker import Seq
 
 __all__ = ["LayoutStatus", "LeaseInfo", "StatusReport", "WorkerStatus", "gather_status"]
@@ -434,7 +432,7 @@ async def gather_status(
         # A layout replaced by a newer one (a reshard) is expected to fall
         # behind: it is not stale, or every reshard would raise an alert.
         stale = bool(behind) and (age is None or age > stale_after) and not states[count].superseded
-        live = lease_is_live(lease_doc, now=at, here=here)
+        lease = None if lease_doc is None else _lease(lease_doc, at, here)
         workers.setdefault(count, []).append(
             WorkerStatus(
                 worker_id=worker_id,
@@ -449,9 +447,11 @@ async def gather_status(
                 behind=behind,
                 pending_estimate=estimate,
                 pending_note=note,
-                lease=None if lease_doc is None else _lease(lease_doc, at, here),
+                lease=lease,
                 stale=stale,
-                last_ran=slot_last_ran(doc, lease_doc, now=at, live=live),
+                last_ran=slot_last_ran(
+                    doc, lease_doc, now=at, live=lease is not None and lease.live
+                ),
             )
         )
     layouts = tuple(
@@ -515,12 +515,7 @@ def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
     expires_in = None if expires is None else expires - now
     released_at = parse_time(doc.get("released_at")) if is_released(doc) else None
     # An expired or released lease is reported as such; "gone" is for live-looking ones.
-    gone = (
-        released_at is None
-        and expires_in is not None
-        and expires_in > 0
-        and holder_is_gone(doc, host=here)
-    )
+    gone = lease_state(doc, now=now, here=here) == "gone"
     return LeaseInfo(
         host=host,
         pid=pid,
