@@ -848,6 +848,8 @@ def bare_outcome(fields: Mapping[str, Any]) -> dict[str, Any]:
     {'notifiedRecipient': True}
     >>> bare_outcome({FAILED: {"reason": "no 'to' field", "worker": "0/1"}})
     {'notificationFailed': {'reason': "no 'to' field"}}
+    >>> len(bare_outcome({FAILED: {"reason": "x" * 5000}})[FAILED]["reason"])
+    500
     """
     if NOTIFIED in fields:
         return {NOTIFIED: True}

@@ -17,6 +17,7 @@ import pytest
 from realservers import CouchTestDB
 from scenario import ScenarioRecord, seed
 
+from notifier.shard import Shard
 from notifier.testing.smtp import SmtpSink
 from notifier.worker import FAILED, NOTIFIED, RECORD
 
@@ -142,6 +143,24 @@ def test_two_workers_share_the_work_with_no_gap_and_no_overlap(
     assert workers == {"0/2", "1/2"}
     for worker_id in (0, 1):
         assert checkpoint(couch, Path(cfg), f"{couch.name}.worker-{worker_id}-of-2") is not None
+
+
+def test_a_worker_named_n_of_m_is_worker_n_of_m(
+    couch: CouchTestDB, smtp_sink: SmtpSink, config_file: ConfigFile, tmp_path: Path
+) -> None:
+    # As systemd's notifier@1-of-2 runs it: the config and the environment
+    # say 1 worker, the instance name says 2.
+    recipients = seed(couch, 20)
+    cfg = str(config_file())
+    mine = {f"user{n}@example.com" for n in range(20) if Shard(1, 2).owns(f"msg-{n:05d}")}
+    env = {"NOTIFIER_WORKER_COUNT": "1"}
+    with daemon(tmp_path, "run", "--worker-id", "1-of-2", "--config", cfg, env=env) as d:
+        wait_until(lambda: len(smtp_sink.messages) >= len(mine), 30, "its share", d)
+        time.sleep(0.5)
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0, d.output()
+    assert set(smtp_sink.count_by_recipient()) == mine != recipients
+    assert checkpoint(couch, Path(cfg), f"{couch.name}.worker-1-of-2") is not None
 
 
 def test_sigint_under_load_drains_and_a_restart_sends_no_duplicate(

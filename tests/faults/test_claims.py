@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 from support import DB, all_settled, assert_all_delivered_once, running, seed
 
-from notifier.claim import CLAIM
-from notifier.couch import seq_param
+from notifier.claim import CLAIM, ClaimPoller
+from notifier.couch import CouchClient, seq_param
+from notifier.metrics import Observability
 from notifier.shard import Shard
 from notifier.testing import free_port
-from notifier.testing.fake_couch import FakeCouch, FakeCouchError
+from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch, FakeCouchError
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for
-from notifier.worker import NOTIFIED, RECORD
+from notifier.worker import NOTIFIED, RECORD, Worker
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +45,14 @@ def claimed_message(fake: FakeCouch, n: int, claim: Any) -> str:
     assert doc is not None
     fake.put(DB, {**doc, CLAIM: claim})
     return doc_id
+
+
+def claim_metrics(worker: Worker) -> dict[str, float | None]:
+    registry = Observability(worker, host="127.0.0.1", port=0).registry
+    return {
+        name: registry.get_sample_value(f"{name}_total", {"worker": str(worker.settings.shard)})
+        for name in ("notifier_claim_conflicts", "notifier_claim_waits", "notifier_claim_takeovers")
+    }
 
 
 def dead_pid() -> int:
@@ -77,6 +86,14 @@ async def test_two_layouts_side_by_side_send_each_message_once(
     # The mark removes the claim.
     assert not [d["_id"] for d in fake.docs(DB) if CLAIM in d]
     assert [store.violations for _, store in started] == [[]] * len(layouts)
+    # The claim metrics are the workers' own counts.
+    for worker in workers:
+        scraped = claim_metrics(worker)
+        assert scraped == {
+            "notifier_claim_conflicts": worker.stats.claim_conflicts,
+            "notifier_claim_waits": worker.stats.claim_waits,
+            "notifier_claim_takeovers": worker.stats.takeovers,
+        }
 
 
 async def test_a_live_claim_of_another_worker_is_waited_for_never_sent(
@@ -322,3 +339,33 @@ async def test_a_couchdb_outage_longer_than_the_claim_does_not_send_twice(
         await asyncio.sleep(1.5)  # a waiter that would take over has had its ttl
     assert_all_delivered_once(fake, smtp_sink, recipients)
     assert sum(w.stats.takeovers for w in workers) == 0
+
+
+async def test_a_takeover_that_cannot_be_written_counts_the_whole_ttl_again(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    # The takeover write gets a 503: CouchDB may have kept the holder from
+    # renewing too, so the waiter watches the claim for another whole ttl.
+    claimed_message(fake, 0, claim_by("1/2", expires_at=time.time() + 600))
+    fake.fail_requests(status=503, path=r"/_bulk_docs$", count=1)
+    first_look = time.monotonic()
+    async with running(fake, smtp_sink, claim_ttl=1.0) as (worker, _):
+        await smtp_sink.await_count(1, timeout=20)
+        await wait_for(lambda: len(worker.tracker) == 0)
+    (message,) = smtp_sink.messages
+    assert message.received_at >= first_look + 2.0
+    assert len(fake.events_of("status")) == 1
+    assert worker.stats.takeovers == 1
+
+
+async def test_looks_at_many_claimed_messages_share_one_request(fake: FakeCouch) -> None:
+    for n in range(5):
+        claimed_message(fake, n, claim_by("1/2", expires_at=time.time() + 600))
+    async with CouchClient(url=IN_PROCESS_URL, transport=fake.transport()) as couch:
+        poller = ClaimPoller(couch, database=DB)
+        ids = [f"msg-{n:05d}" for n in range(5)]
+        docs = await asyncio.gather(*(poller.read(i, within=0.05) for i in ids))
+        await poller.aclose()
+    assert [d["_id"] for d in docs if d is not None] == ids
+    assert poller.polls == 1
+    assert couch.requests == 1
