@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from realservers import CouchTestDB, unique_db_name
 
@@ -13,6 +17,42 @@ from notifier.config import Config
 from notifier.testing.smtp import SmtpSink
 
 MakeConfig = Callable[..., Config]
+
+#: The installed command line, next to this interpreter.
+NOTIFIER = str(Path(sys.executable).with_name("notifier"))
+
+
+class Watched(Protocol):
+    """A process under test whose log can be shown."""
+
+    proc: subprocess.Popen[bytes]
+
+    def output(self) -> str: ...
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    process: Watched | None = None,
+    *,
+    interval: float = 0.01,
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds, saying ``what``.
+
+    With ``process``, fail at once (with its log) if it exits first: a dead
+    process never makes the condition true, and waiting would only hide why.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.proc.poll() is not None:
+            raise AssertionError(
+                f"notifier exited ({process.proc.returncode}) before {what}:\n{process.output()}"
+            )
+        if time.monotonic() > deadline:
+            log = f":\n{process.output()}" if process is not None else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{log}")
+        time.sleep(interval)
 
 
 def message(n: int, **fields: Any) -> dict[str, Any]:

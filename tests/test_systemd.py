@@ -7,11 +7,11 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scenario import NOTIFIER
 
 from notifier import cli
 from notifier.config import WorkerConfig
@@ -19,7 +19,6 @@ from notifier.systemd import SystemdNotifier
 from notifier.worker import FINAL_CHECKPOINT_TIMEOUT
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
-NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 
 
 def systemd_analyze() -> str:

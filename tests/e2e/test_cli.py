@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from realservers import CouchTestDB
-from scenario import ScenarioRecord, seed
+from scenario import NOTIFIER, ScenarioRecord, seed, wait_until
 
 from notifier.shard import Shard
 from notifier.testing.smtp import SmtpSink
@@ -23,7 +23,6 @@ from notifier.worker import FAILED, NOTIFIED, RECORD
 
 pytestmark = pytest.mark.e2e
 
-NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 ConfigFile = Callable[..., Path]
 
 
@@ -73,18 +72,6 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         timeout=60,
         env={**os.environ, **(env or {})},
     )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, d: Daemon) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if d.proc.poll() is not None:
-            raise AssertionError(
-                f"notifier exited ({d.proc.returncode}) before {what}:\n{d.output()}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{d.output()}")
-        time.sleep(0.05)
 
 
 def checkpoint(couch: CouchTestDB, path: Path, doc_id: str) -> dict[str, Any] | None:

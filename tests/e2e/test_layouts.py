@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from realservers import CouchTestDB, unique_db_name
-from scenario import message
+from scenario import NOTIFIER, message
 from test_ops import Backend, backend_for, four_layouts, put_checkpoint
 
 from notifier import config as config_module
@@ -30,8 +29,6 @@ from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for, worker_running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 
 
 @pytest.fixture(params=["pouchdb", "fake"])

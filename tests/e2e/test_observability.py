@@ -7,30 +7,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from scenario import to_toml
+from scenario import NOTIFIER, to_toml, wait_until
 
 from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 
 pytestmark = pytest.mark.e2e
-
-NOTIFIER = str(Path(sys.executable).with_name("notifier"))
-
-
-def wait(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Datagrams:
@@ -101,11 +89,13 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(
     smtp_sink: SmtpSink,
 ) -> None:
     proc, notify, _, log = daemon
-    wait(lambda: notify.seen("READY", "1"), "READY=1")
+    wait_until(lambda: notify.seen("READY", "1"), 20.0, "READY=1")
     fake_couch.put("messages", {"_id": "m1", "to": "ann@example.com"})
     smtp_sink.wait_for(1, timeout=20)
-    wait(lambda: any("1 sent" in d.get("STATUS", "") for d in notify.poll()), "a STATUS count")
-    wait(lambda: notify.seen("WATCHDOG", "1"), "a watchdog ping")
+    wait_until(
+        lambda: any("1 sent" in d.get("STATUS", "") for d in notify.poll()), 20.0, "a STATUS count"
+    )
+    wait_until(lambda: notify.seen("WATCHDOG", "1"), 20.0, "a watchdog ping")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0, log.read_text()
     assert notify.seen("STOPPING", "1")
@@ -117,7 +107,7 @@ def test_metrics_and_health_over_http(
     smtp_sink: SmtpSink,
 ) -> None:
     proc, notify, base, log = daemon
-    wait(lambda: notify.seen("READY", "1"), "READY=1")
+    wait_until(lambda: notify.seen("READY", "1"), 20.0, "READY=1")
     for n in range(3):
         fake_couch.put("messages", {"_id": f"m{n}", "to": f"user{n}@example.com"})
     fake_couch.put("messages", {"_id": "bad", "to": 5})
@@ -127,7 +117,7 @@ def test_metrics_and_health_over_http(
         return httpx.get(f"{base}/metrics", timeout=5).text
 
     # Counted when decided, before the mark is written: wait for the mark too.
-    wait(
+    wait_until(
         lambda: all(
             line in metrics()
             for line in (
@@ -135,6 +125,7 @@ def test_metrics_and_health_over_http(
                 'notifier_in_flight{worker="0/1"} 0.0',
             )
         ),
+        20.0,
         "metrics",
     )
     text = metrics()
@@ -150,12 +141,16 @@ def test_metrics_and_health_over_http(
     assert (healthy.status_code, healthy.json()) == (200, {"status": "ok"})
 
     fake_couch.refuse_connections()
-    wait(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, "unhealthy")
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 503, 20.0, "unhealthy"
+    )
     sick = httpx.get(f"{base}/healthz", timeout=5).json()
     assert sick["status"] == "unhealthy"
     assert "the changes feed is not connected" in sick["reasons"]
     fake_couch.accept_connections()
-    wait(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, "healthy again")
+    wait_until(
+        lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, 20.0, "healthy again"
+    )
     assert httpx.get(f"{base}/nope", timeout=5).status_code == 404
 
     proc.send_signal(signal.SIGTERM)

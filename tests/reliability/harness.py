@@ -28,18 +28,17 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from scenario import message, to_toml
+from scenario import NOTIFIER, message, to_toml, wait_until
 
 from notifier.checkpoint import checkpoint_id
 from notifier.couch import seq_param
@@ -50,7 +49,6 @@ from notifier.tracker import Seq
 from notifier.worker import is_settled
 
 #: The installed CLI, next to the interpreter running the tests (the venv's).
-NOTIFIER = str(Path(sys.executable).with_name("notifier"))
 DB = "messages"
 CHECKPOINTS = "workersequences"
 
@@ -189,31 +187,6 @@ class NotifierProcess:
 
     def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
         wait_until(lambda: text in self.output(), timeout, f"the log to say {text!r}", self)
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    timeout: float,
-    what: str,
-    process: NotifierProcess | None = None,
-    *,
-    interval: float = 0.01,
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds, saying ``what``.
-
-    With ``process``, fail at once (with its log) if it exits first: a dead
-    worker never makes the condition true, and waiting would only hide why.
-    """
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and not process.running:
-            raise AssertionError(
-                f"notifier exited ({process.proc.returncode}) before {what}:\n{process.output()}"
-            )
-        if time.monotonic() > deadline:
-            log = f":\n{process.output()}" if process is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{log}")
-        time.sleep(interval)
 
 
 class NotifierCli:
