@@ -64,6 +64,8 @@ class SmtpPool:
         if size < 1:
             raise ValueError(f"pool size must be at least 1, got {size}")
         self.config = config
+        #: How errors name the server.
+        self.where = f"SMTP server {config.host}:{config.port}"
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._slots = asyncio.Semaphore(size)
         self.size = size
@@ -139,7 +141,7 @@ class SmtpPool:
             username=c.username,
             password=c.password.reveal() if c.password else None,
         )
-        where = f"SMTP server {c.host}:{c.port}"
+        where = self.where
         try:
             await client.connect()
             # Greet now (connect() does only when it needs STARTTLS or a
@@ -224,7 +226,7 @@ class EmailHandler:
 
     async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
         email = self.composer.compose(doc)
-        where = f"SMTP server {self.pool.config.host}:{self.pool.config.port}"
+        where = self.pool.where
         try:
             async with self.pool.connection() as client:
                 await _transact(client, self.composer.sender, email.recipient, email.data)

@@ -99,8 +99,7 @@ class Composer:
         doc_id = doc.get("_id")
         if not isinstance(doc_id, str):
             raise PermanentDeliveryError("document has no string '_id'")
-        to = address_field(doc, "to", required=True)
-        assert to is not None
+        to = address_field(doc, "to")
         author = text_field(doc, "from", single_line=True)
         subject = text_field(doc, "subject", single_line=True)
         body = text_field(doc, "body", single_line=False) or ""
@@ -235,12 +234,10 @@ def _boundary(*parts: bytes) -> str:
     raise PermanentDeliveryError("no MIME boundary avoids the message's text")  # pragma: no cover
 
 
-def address_field(doc: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+def address_field(doc: Mapping[str, Any], name: str) -> str:
     """A single email address from ``doc[name]``, validated."""
     if name not in doc or doc[name] is None:
-        if required:
-            raise PermanentDeliveryError(f"no '{name}' field: no recipient to notify")
-        return None
+        raise PermanentDeliveryError(f"no '{name}' field: no recipient to notify")
     value = doc[name]
     if not isinstance(value, str):
         raise PermanentDeliveryError(
@@ -282,6 +279,8 @@ def _check_unicode(name: str, value: str) -> None:
     JSON allows "\\ud83d" on its own (a JavaScript client that cut an emoji
     in half writes one), but no email can carry it.
     """
+    if value.isascii():  # the common case, and it cannot hold a surrogate
+        return
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
