@@ -12,8 +12,19 @@ write has waited ``max_delay`` seconds, or as soon as every message that could
 still join it is already in it (``waiting_for``): then waiting longer would
 only add latency.
 
-A failure of the whole request (network, 5xx) is handed to every writer in
-the batch, and each retries on its own terms, so nothing here retries.
+Answers are paired with writes by document ``id``, never by position:
+CouchDB does not promise to answer in the request's order, and PouchDB Server
+has been seen answering out of order after a restart. Pairing by position
+then hands one document's conflict to another and that one's success to the
+first, which is counted as marked while it never was. So a batch never holds
+two writes of one id (a second write of an id starts the next batch), and an
+answer that does not name every id it was asked for, and nothing else, fails
+the whole request.
+
+A failure of the whole request (network, 5xx, an answer that cannot be
+paired) is handed to every writer in the batch, and each retries on its own
+terms, so nothing here retries. A retried write that had in fact been applied
+gets a 409, which writers already handle by re-reading the document.
 """
 
 from __future__ import annotations
@@ -24,11 +35,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from notifier.couch import CouchClient
-from notifier.errors import CouchAccessDenied, CouchError, CouchFatalError, DocumentConflict
+from notifier.errors import (
+    CouchAccessDenied,
+    CouchError,
+    CouchFatalError,
+    CouchTransientError,
+    DocumentConflict,
+)
 
 log = logging.getLogger(__name__)
 
 _Pending = tuple[Mapping[str, Any], "asyncio.Future[str]"]
+#: One batch: each document id at most once, in the order written.
+_Batch = dict[str, _Pending]
 
 
 def row_error(row: Mapping[str, Any], database: str) -> CouchError:
@@ -69,7 +88,7 @@ class BulkWriter:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self._waiting_for = waiting_for
-        self._batch: list[_Pending] = []
+        self._batch: _Batch = {}
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -82,9 +101,15 @@ class BulkWriter:
         )
 
     async def write(self, doc: Mapping[str, Any]) -> str:
-        """Queue ``doc`` for the next batch and wait for its own outcome."""
+        """Queue ``doc`` (it must have an ``_id``) for the next batch and wait for its
+        own outcome."""
+        doc_id = doc.get("_id")
+        if not isinstance(doc_id, str):
+            raise ValueError(f"BulkWriter writes only documents with a string _id, not {doc_id!r}")
+        if doc_id in self._batch:
+            self._flush()  # one write per id and batch, or answers could not be told apart
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._batch.append((doc, future))
+        self._batch[doc_id] = (doc, future)
         limit = self.max_batch
         if self._waiting_for is not None:
             limit = min(limit, max(1, self._waiting_for()))
@@ -104,7 +129,7 @@ class BulkWriter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._batch = self._batch, []
+        batch, self._batch = self._batch, {}
         # Writers that gave up (cancelled at the drain deadline) still get
         # their mark written if it is already queued: harmless, and it spares
         # a resend after the restart.
@@ -113,25 +138,22 @@ class BulkWriter:
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _send(self, batch: _Batch) -> None:
         self.batches += 1
         try:
-            rows = await self._couch.bulk_docs(self._database, [doc for doc, _ in batch])
-            if len(rows) != len(batch):
-                raise CouchFatalError(
-                    f"CouchDB _bulk_docs /{self._database}: {len(rows)} results "
-                    f"for {len(batch)} documents"
-                )
+            rows = await self._couch.bulk_docs(self._database, [doc for doc, _ in batch.values()])
+            answers = self._pair(batch, rows)
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future in batch.values():
                 future.cancel()
             raise
         except Exception as e:
-            for _, future in batch:
+            for _, future in batch.values():
                 if not future.done():
                     future.set_exception(e)
             return
-        for (_, future), row in zip(batch, rows, strict=True):
+        for doc_id, (_, future) in batch.items():
+            row = answers[doc_id]
             if future.done():
                 continue
             if "error" in row:
@@ -139,3 +161,21 @@ class BulkWriter:
             else:
                 self.written += 1
                 future.set_result(str(row.get("rev")))
+
+    def _pair(self, batch: _Batch, rows: list[Any]) -> dict[str, Mapping[str, Any]]:
+        """Each written id's answer row; CouchTransientError unless the rows name
+        exactly the ids written, once each."""
+        answers: dict[str, Mapping[str, Any]] = {}
+        for row in rows:
+            doc_id = row.get("id") if isinstance(row, Mapping) else None
+            if not isinstance(doc_id, str) or doc_id not in batch or doc_id in answers:
+                break
+            answers[doc_id] = row
+        else:
+            if len(answers) == len(batch):
+                return answers
+        raise CouchTransientError(
+            f"CouchDB _bulk_docs /{self._database}: the answer does not name each of the "
+            f"{len(batch)} documents written exactly once ({len(rows)} rows); "
+            "treating the whole request as failed"
+        )

@@ -671,7 +671,7 @@ class FakeCouch:
 
     The fault methods (``fail_next``, ``fail_requests``, ``add_latency``,
     ``cut_feed_after``, ``stall_feed_after``, ``refuse_connections``,
-    ``drop_connections``) may be called at any time, from any thread.
+    ``drop_connections``, ``shuffle_bulk_answers``) may be called at any time, from any thread.
     """
 
     def __init__(
@@ -711,6 +711,7 @@ class FakeCouch:
         self._failures: list[_RequestRule] = []
         self._latencies: list[_RequestRule] = []
         self._feed_faults: list[_FeedFault] = []
+        self._bulk_shuffles: int | None = 0
         self._refusing = False
         self._refuse_until: float | None = None
         self._open_feeds = 0
@@ -910,6 +911,19 @@ class FakeCouch:
         heartbeats, no end, until the client gives up or connections are dropped."""
         self._add_feed_fault("stall", rows, count, feed)
 
+    def shuffle_bulk_answers(self, *, count: int | None = None) -> None:
+        """Answer the next ``count`` ``_bulk_docs`` requests (None: all, until
+        :meth:`clear_faults`) with their result rows in another order.
+
+        PouchDB Server has been seen doing this after a restart, and CouchDB
+        does not promise the order; a client must pair rows with its
+        documents by ``id``. A request of two or more documents always gets
+        an order different from the request's.
+        """
+        _check_count(count)
+        with self._lock:
+            self._bulk_shuffles = count
+
     def refuse_connections(self, seconds: float | None = None) -> None:
         """Act as a server that is down: refuse new connections and drop open ones.
 
@@ -972,6 +986,7 @@ class FakeCouch:
             self._failures.clear()
             self._latencies.clear()
             self._feed_faults.clear()
+            self._bulk_shuffles = 0
         self.accept_connections()
 
     def events_of(self, kind: str) -> list[FaultEvent]:
@@ -1447,8 +1462,20 @@ class FakeCouch:
                     results.append({"id": doc.get("_id"), "error": e.error, "reason": e.reason})
                 else:
                     results.append({"ok": True, "id": doc_id, "rev": rev})
+            self._maybe_shuffle(db_name, results)
         self._notify(db_name)
         return _json_response(201, results)
+
+    def _maybe_shuffle(self, db_name: str, results: list[Doc]) -> None:
+        if self._bulk_shuffles == 0 or len(results) < 2:
+            return
+        if self._bulk_shuffles is not None:
+            self._bulk_shuffles -= 1
+        before = list(results)
+        self._random.shuffle(results)
+        if results == before:
+            results.reverse()
+        self._event("shuffled", "POST", f"/{db_name}/_bulk_docs", f"{len(results)} rows")
 
     def _all_docs(
         self,

@@ -17,8 +17,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from support import all_settled, assert_all_delivered_once, running, seed
+from support import DB, all_settled, assert_all_delivered_once, running, seed
 
+from notifier.claim import CLAIM
 from notifier.shard import Shard
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
@@ -138,3 +139,38 @@ async def test_a_worker_that_loses_its_lease_stops_sending(
     await asyncio.sleep(0.5)
     assert len(smtp_sink.messages) == sent_at_loss, "nothing is sent after the worker stopped"
     assert sent_at_loss < 200
+
+
+async def test_shuffled_bulk_answers_with_user_edits_mark_every_message(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    # PouchDB Server answered _bulk_docs out of order after a restart. With
+    # user edits in flight, some marks in a batch conflict: each conflict
+    # must reach its own message, or a message is counted as marked while
+    # it never was.
+    recipients = seed(fake, 40)
+    fake.shuffle_bulk_answers()
+    smtp_sink.delay = 0.2
+    edited: set[str] = set()
+
+    async def edit_while_in_flight() -> None:
+        while len(edited) < 20:
+            for doc in fake.docs(DB):
+                n = int(doc["_id"].split("-")[1])
+                if n % 2 == 0 and CLAIM in doc and doc["_id"] not in edited:
+                    fake.put(DB, {**doc, "subject": "edited by the user"})
+                    edited.add(doc["_id"])
+            await asyncio.sleep(0.01)
+
+    async with running(fake, smtp_sink, max_parallel=8) as (worker, store):
+        editor = asyncio.create_task(edit_while_in_flight())
+        await wait_for(all_settled(fake, 40), timeout=30)
+        await asyncio.wait_for(editor, timeout=10)
+        await wait_for(lambda: len(worker.tracker) == 0)
+    assert len(fake.events_of("shuffled")) > 0
+    assert_all_delivered_once(fake, smtp_sink, recipients)
+    for doc in fake.docs(DB):
+        assert CLAIM not in doc, f"{doc['_id']} kept its claim"
+        if doc["_id"] in edited:
+            assert doc["subject"] == "edited by the user"
+    assert store.violations == []

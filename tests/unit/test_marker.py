@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from notifier.couch import CouchClient
@@ -97,3 +98,84 @@ async def test_close_sends_what_is_queued(setup: tuple[FakeCouch, CouchClient]) 
     await writer.aclose()
     assert (await pending).startswith("1-")
     assert fake.get(DB, "late") is not None
+
+
+async def test_shuffled_answers_reach_their_own_writers(
+    setup: tuple[FakeCouch, CouchClient],
+) -> None:
+    # CouchDB does not promise the order of a _bulk_docs answer: each writer
+    # must get the outcome of its own document, not of the one in its place.
+    fake, client = setup
+    stale = {f"m{n}" for n in range(0, 20, 3)}
+    for doc_id in stale:
+        fake.put(DB, {"_id": doc_id})
+    fake.shuffle_bulk_answers()
+    writer = BulkWriter(client, database=DB)
+    ids = [f"m{n}" for n in range(20)]
+    results = await asyncio.gather(
+        *(writer.write({"_id": doc_id, "new": True}) for doc_id in ids), return_exceptions=True
+    )
+    assert fake.events_of("shuffled"), "the answer really came shuffled"
+    for doc_id, result in zip(ids, results, strict=True):
+        if doc_id in stale:
+            assert isinstance(result, DocumentConflict), doc_id
+        else:
+            stored = fake.get(DB, doc_id)
+            assert stored is not None
+            assert result == stored["_rev"], doc_id
+
+
+async def test_two_writes_of_one_id_never_share_a_batch(
+    setup: tuple[FakeCouch, CouchClient],
+) -> None:
+    fake, client = setup
+    writer = BulkWriter(client, database=DB, max_delay=0.05)
+    first = asyncio.create_task(writer.write({"_id": "m1", "n": 1}))
+    second = asyncio.create_task(writer.write({"_id": "m1", "n": 2}))
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert bulk_requests(fake) == 2
+    # Both carry no _rev: exactly one of them creates the doc.
+    revs = [r for r in results if isinstance(r, str)]
+    assert len(revs) == 1
+    assert sum(isinstance(r, DocumentConflict) for r in results) == 1
+    stored = fake.get(DB, "m1")
+    assert stored is not None and stored["_rev"] == revs[0]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param([{"id": "m0", "ok": True, "rev": "1-a"}], id="a row missing"),
+        pytest.param(
+            [{"id": "m0", "ok": True, "rev": "1-a"}, {"id": "m0", "ok": True, "rev": "1-a"}],
+            id="one id twice",
+        ),
+        pytest.param(
+            [{"id": "m0", "ok": True, "rev": "1-a"}, {"id": "zz", "ok": True, "rev": "1-b"}],
+            id="an id not asked for",
+        ),
+        pytest.param(
+            [{"ok": True, "rev": "1-a"}, {"ok": True, "rev": "1-b"}], id="rows without ids"
+        ),
+    ],
+)
+async def test_an_answer_that_cannot_be_paired_fails_the_whole_request(
+    answer: list[dict[str, object]],
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json=answer)
+
+    transport = httpx.MockTransport(handler)
+    async with CouchClient(url="http://couch.invalid:5984", transport=transport) as client:
+        writer = BulkWriter(client, database=DB)
+        results = await asyncio.gather(
+            writer.write({"_id": "m0"}), writer.write({"_id": "m1"}), return_exceptions=True
+        )
+    assert all(isinstance(r, CouchTransientError) for r in results), results
+    assert "exactly once" in str(results[0])
+
+
+async def test_a_document_without_an_id_is_refused(setup: tuple[FakeCouch, CouchClient]) -> None:
+    _, client = setup
+    with pytest.raises(ValueError, match="_id"):
+        await BulkWriter(client, database=DB).write({"no": "id"})
