@@ -31,5 +31,10 @@ def test_the_core_modules_have_examples() -> None:
         "notifier.backoff",
         "notifier.lease",
         "notifier.claim",
+        "notifier.schedule",
+        "notifier.replies",
+        "notifier.pacing",
+        "notifier.breaker",
+        "notifier.lifecycle",
     ):
         assert doctest.testmod(importlib.import_module(name)).attempted > 0, name

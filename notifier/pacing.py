@@ -1,0 +1,288 @@
+"""Pacing: a relay's quota respected rather than discovered.
+
+Two pure cores and a thin async shell:
+
+* :class:`RateLimit` spaces grants at least ``1 / rate`` seconds apart (a
+  token bucket that holds one token): at ``rate`` R no window of one second
+  ever holds more than R sends, which is how relays count their quotas.
+* :class:`AdaptiveRate` lowers the rate on a throttling reply and raises it
+  back once the relay stops complaining: halve at once (at most once per
+  second, so that the replies of one burst count once), then add a tenth of
+  the configured rate each quiet second. With no configured rate the
+  relay's own pace when it first complained is what is halved and recovered.
+* :class:`Pacer` is what the worker uses: ``async with pacer.slot(domain):``
+  waits for the worker's turn under the overall rate and the recipient
+  domain's rate and concurrency, in arrival order.
+
+``[smtp] max_rate`` is for the whole worker set. Each worker paces at
+``max_rate / worker_count``: documents are spread evenly over the workers by
+the hash of their id, so the shares add up to the configured rate. Domain
+rates are split the same way; a domain's concurrency limit is per worker.
+
+With no limit configured and no throttling seen, the shell does no work per
+send beyond a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+#: The slowest an adaptive rate goes (messages per second).
+MIN_RATE = 0.1
+#: Throttling replies this close together count as one (seconds).
+DECREASE_HOLD = 1.0
+#: Seconds between additive increases, and the share of the target each adds.
+INCREASE_EVERY = 1.0
+INCREASE_SHARE = 0.1
+#: Seconds over which the achieved rate is measured.
+OBSERVE_WINDOW = 2.0
+
+
+class RateLimit:
+    """Grants at most ``rate`` per second, at least ``1/rate`` seconds apart.
+
+    >>> r = RateLimit(2.0)
+    >>> r.delay(10.0); r.take(10.0); r.delay(10.1)
+    0.0
+    0.4
+    >>> r.take(10.5); r.delay(10.7)
+    0.3
+
+    ``rate`` None means no limit. O(1) per call.
+    """
+
+    __slots__ = ("_next", "rate")
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate: float | None = None
+        self._next = float("-inf")
+        self.set_rate(rate)
+
+    def __repr__(self) -> str:
+        return f"<RateLimit rate={self.rate}>"
+
+    def set_rate(self, rate: float | None) -> None:
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be positive or None, got {rate}")
+        self.rate = rate
+
+    def delay(self, now: float) -> float:
+        """Seconds until the next grant may be taken (0: now)."""
+        if self.rate is None:
+            return 0.0
+        return round(max(0.0, self._next - now), 9)
+
+    def take(self, now: float) -> None:
+        """Record a grant at ``now``; the next one is due ``1/rate`` later."""
+        if self.rate is None:
+            return
+        self._check(now)
+        self._next = max(now, self._next) + 1.0 / self.rate
+
+    def _check(self, now: float) -> None:
+        # A grant taken before it was due would break the promise above.
+        assert self._next - now <= 1e-6, f"grant taken {self._next - now:.6f}s early"
+
+
+class AdaptiveRate:
+    """Additive increase, multiplicative decrease of a send rate.
+
+    ``ceiling`` is the configured rate (None: none). ``limit`` is what to
+    pace at now (None: do not pace).
+
+    >>> a = AdaptiveRate(10.0)
+    >>> a.throttled(now=0.0, observed=10.0); a.limit
+    5.0
+    >>> a.throttled(now=0.5, observed=5.0); a.limit    # the same burst: once
+    5.0
+    >>> a.refresh(now=3.0); a.limit                     # three quiet seconds
+    8.0
+    >>> a.refresh(now=10.0); a.limit
+    10.0
+    """
+
+    __slots__ = ("_changed_at", "_decreased_at", "_target", "ceiling", "limit", "throttles")
+
+    def __init__(self, ceiling: float | None) -> None:
+        if ceiling is not None and not ceiling > 0:
+            raise ValueError(f"ceiling must be positive or None, got {ceiling}")
+        self.ceiling = ceiling
+        self.limit: float | None = ceiling
+        self.throttles = 0
+        self._target = ceiling
+        self._decreased_at = float("-inf")
+        self._changed_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return (
+            f"<AdaptiveRate limit={self.limit} ceiling={self.ceiling} throttles={self.throttles}>"
+        )
+
+    @property
+    def slowed(self) -> bool:
+        """Whether the rate is below the configured one because of throttling."""
+        return self.limit != self.ceiling
+
+    def throttled(self, *, now: float, observed: float) -> None:
+        """A throttling reply arrived; ``observed`` is the achieved rate lately."""
+        self.throttles += 1
+        if now - self._decreased_at < DECREASE_HOLD:
+            return
+        if self.limit is None:
+            # No configured rate: the pace the relay objected to is the target.
+            self._target = max(observed, MIN_RATE * 2)
+            current = self._target
+        else:
+            current = self.limit
+        self.limit = max(MIN_RATE, current / 2)
+        self._decreased_at = self._changed_at = now
+        self._check()
+
+    def refresh(self, *, now: float) -> None:
+        """Raise the rate for each quiet ``INCREASE_EVERY`` seconds since the last change."""
+        if self.limit is None or self._target is None or self.limit == self.ceiling:
+            return
+        steps = int((now - self._changed_at) / INCREASE_EVERY)
+        if steps <= 0:
+            return
+        self.limit += steps * INCREASE_SHARE * self._target
+        self._changed_at += steps * INCREASE_EVERY
+        if self.limit >= self._target:
+            self.limit = self.ceiling  # back to the configured rate, or to none
+        self._check()
+
+    def _check(self) -> None:
+        if self.limit is not None:
+            assert self.limit >= MIN_RATE - 1e-9, self
+            assert self.ceiling is None or self.limit <= self.ceiling + 1e-9, self
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DomainLimit:
+    """Limits for one recipient domain: sends at once (per worker), and per second."""
+
+    max_parallel: int | None = None
+    max_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be at least 1, got {self.max_parallel}")
+        if self.max_rate is not None and not self.max_rate > 0:
+            raise ValueError(f"max_rate must be positive, got {self.max_rate}")
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class _Lane:
+    """One rate limit with its FIFO queue of waiters (asyncio)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.limit = RateLimit(rate)
+        self.lock = asyncio.Lock()
+
+    async def turn(self, clock: Callable[[], float], sleep: Sleep) -> None:
+        async with self.lock:
+            # A loop, not one sleep: the rate may have changed meanwhile, and
+            # sleeps can end a hair early on some clocks.
+            while (wait := self.limit.delay(clock())) > 0:
+                await sleep(wait)
+            self.limit.take(clock())
+
+
+class Pacer:
+    """Paces sends: ``async with pacer.slot("example.com"): send()``.
+
+    ``rate`` is this worker's share of ``[smtp] max_rate`` (None: none);
+    ``domains`` maps a lower-case domain to its limits (rates already this
+    worker's share).
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float | None = None,
+        domains: Mapping[str, DomainLimit] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.adaptive = AdaptiveRate(rate)
+        self._clock = clock
+        self._sleep = sleep
+        self._lane = _Lane(rate)
+        self._domains = dict(domains or {})
+        self._domain_lanes = {d: _Lane(lim.max_rate) for d, lim in self._domains.items()}
+        self._domain_slots = {
+            d: asyncio.Semaphore(lim.max_parallel)
+            for d, lim in self._domains.items()
+            if lim.max_parallel is not None
+        }
+        self._recent: deque[float] = deque()
+        self.waits = 0
+
+    def __repr__(self) -> str:
+        return f"<Pacer {self.adaptive!r} domains={len(self._domains)} waits={self.waits}>"
+
+    @property
+    def limit(self) -> float | None:
+        """The overall rate paced at now (None: none)."""
+        return self.adaptive.limit
+
+    @asynccontextmanager
+    async def slot(self, domain: str) -> AsyncIterator[None]:
+        """Wait for this send's turn; hold the domain's concurrency while it runs."""
+        slots = self._domain_slots.get(domain)
+        if slots is None:
+            await self._paced(domain)
+            yield
+            return
+        async with slots:
+            await self._paced(domain)
+            yield
+
+    async def _paced(self, domain: str) -> None:
+        lane = self._domain_lanes.get(domain)
+        if lane is not None and lane.limit.rate is not None:
+            await lane.turn(self._clock, self._sleep)
+        now = self._clock()
+        self.adaptive.refresh(now=now)
+        if self.adaptive.limit is not None:
+            if self._lane.limit.rate != self.adaptive.limit:
+                self._lane.limit.set_rate(self.adaptive.limit)
+            if self._lane.limit.delay(now) > 0 or self._lane.lock.locked():
+                self.waits += 1
+            await self._lane.turn(self._clock, self._sleep)
+        if self.adaptive.ceiling is None:
+            self._observe(self._clock())
+
+    def throttled(self) -> None:
+        """A throttling reply: slow down."""
+        now = self._clock()
+        self.adaptive.throttled(now=now, observed=self._observed(now))
+
+    def _observe(self, now: float) -> None:
+        # Only needed to know what "slower" means when no rate is configured.
+        self._recent.append(now)
+        while self._recent and self._recent[0] < now - OBSERVE_WINDOW:
+            self._recent.popleft()
+
+    def _observed(self, now: float) -> float:
+        while self._recent and self._recent[0] < now - OBSERVE_WINDOW:
+            self._recent.popleft()
+        return len(self._recent) / OBSERVE_WINDOW
+
+
+def recipient_domain(address: object) -> str:
+    """The lower-cased domain of an address, or "" when there is none.
+
+    >>> recipient_domain("Ann@Example.COM"), recipient_domain(None)
+    ('example.com', '')
+    """
+    if not isinstance(address, str):
+        return ""
+    return address.rpartition("@")[2].strip().lower()

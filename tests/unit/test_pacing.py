@@ -1,0 +1,189 @@
+"""Pacing: the rate limit and the adaptive rate (pure), and the async shell on a
+virtual clock, so that nothing here depends on how fast this machine is."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from notifier.pacing import (
+    DECREASE_HOLD,
+    MIN_RATE,
+    AdaptiveRate,
+    DomainLimit,
+    Pacer,
+    RateLimit,
+    recipient_domain,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grants_are_never_closer_than_one_over_the_rate(seed: int) -> None:
+    rng = random.Random(seed)
+    rate = rng.choice([0.5, 3.0, 14.0, 250.0])
+    limit = RateLimit(rate)
+    now, grants = 0.0, []
+    for _ in range(3000):
+        now += rng.expovariate(rate * 20)  # a backlog: demand far above the rate
+        wait = limit.delay(now)
+        assert wait >= 0
+        now += wait
+        limit.take(now)
+        grants.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(grants)]
+    assert min(gaps) >= 1 / rate - 1e-9
+    # Under excess demand the achieved rate is the rate (within 5%).
+    achieved = (len(grants) - 1) / (grants[-1] - grants[0])
+    assert achieved == pytest.approx(rate, rel=0.05)
+
+
+def test_no_window_of_one_second_holds_more_than_the_rate() -> None:
+    rate = 10.0
+    limit = RateLimit(rate)
+    grants = []
+    now = 0.0
+    for _ in range(200):
+        now += limit.delay(now)
+        limit.take(now)
+        grants.append(now)
+    for i, start in enumerate(grants):
+        # (less a nanosecond of float rounding in the sums of 1/rate)
+        in_window = [g for g in grants[i:] if g < start + 1.0 - 1e-9]
+        assert len(in_window) <= rate
+
+
+def test_taking_a_grant_early_is_a_bug_that_is_caught() -> None:
+    limit = RateLimit(1.0)
+    limit.take(0.0)
+    with pytest.raises(AssertionError, match="early"):
+        limit.take(0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_adaptive_rate_keeps_its_bounds_and_recovers(seed: int) -> None:
+    rng = random.Random(seed)
+    ceiling = rng.choice([None, 1.0, 10.0, 500.0])
+    a = AdaptiveRate(ceiling)
+    now = 0.0
+    for _ in range(2000):
+        now += rng.expovariate(2.0)
+        if rng.random() < 0.3:
+            before, decreased = a.limit, a._decreased_at
+            a.throttled(now=now, observed=rng.uniform(0, 100))
+            if now - decreased < DECREASE_HOLD:
+                assert a.limit == before, "one burst of throttling replies halves once"
+        else:
+            a.refresh(now=now)
+        if a.limit is not None:
+            assert a.limit >= MIN_RATE
+            assert ceiling is None or a.limit <= ceiling
+    # Quiet for long enough: back to the configured rate (or to none).
+    a.refresh(now=now + 3600)
+    assert a.limit == ceiling
+    assert not a.slowed
+
+
+def test_a_throttle_without_a_configured_rate_halves_the_observed_one() -> None:
+    a = AdaptiveRate(None)
+    a.throttled(now=10.0, observed=40.0)
+    assert a.limit == 20.0
+    a.refresh(now=13.0)
+    assert a.limit == pytest.approx(32.0)  # +10% of 40 per quiet second
+    a.refresh(now=20.0)
+    assert a.limit is None
+
+
+class VirtualTime:
+    """A clock that advances only when someone sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleeper(self, sleepers: list[str] | None = None) -> Callable[[float], Awaitable[None]]:
+        async def sleep(seconds: float) -> None:
+            if sleepers is not None:
+                task = asyncio.current_task()
+                sleepers.append(task.get_name() if task else "?")
+            self.now += seconds
+            await asyncio.sleep(0)
+
+        return sleep
+
+
+async def test_the_pacer_spaces_sends_at_the_rate_in_arrival_order() -> None:
+    t = VirtualTime()
+    pacer = Pacer(rate=4.0, clock=t.clock, sleep=t.sleeper())
+    started: list[tuple[int, float]] = []
+
+    async def send(n: int) -> None:
+        async with pacer.slot("example.com"):
+            started.append((n, t.now))
+
+    await asyncio.gather(*(send(n) for n in range(20)))
+    assert [n for n, _ in started] == list(range(20)), "first come, first served"
+    times = [at for _, at in started]
+    assert all(b - a >= 0.25 - 1e-9 for a, b in itertools.pairwise(times))
+    assert times[-1] == pytest.approx(19 * 0.25)
+
+
+async def test_a_domain_limit_caps_concurrency_and_rate_for_that_domain_only() -> None:
+    t = VirtualTime()
+    sleepers: list[str] = []
+    pacer = Pacer(
+        domains={"slow.example": DomainLimit(max_parallel=2, max_rate=1.0)},
+        clock=t.clock,
+        sleep=t.sleeper(sleepers),
+    )
+    running = {"slow.example": 0, "fast.example": 0}
+    most = dict(running)
+    starts: dict[str, list[float]] = {"slow.example": [], "fast.example": []}
+
+    async def send(domain: str) -> None:
+        async with pacer.slot(domain):
+            starts[domain].append(t.now)
+            running[domain] += 1
+            most[domain] = max(most[domain], running[domain])
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            running[domain] -= 1
+
+    await asyncio.gather(
+        *(
+            asyncio.create_task(send(domain), name=f"{domain}-{n}")
+            for n in range(10)
+            for domain in ("slow.example", "fast.example")
+        )
+    )
+    assert most["slow.example"] <= 2
+    assert most["fast.example"] > 2, "other domains are not held back"
+    slow = starts["slow.example"]
+    assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(slow))
+    assert sleepers and all(name.startswith("slow.example") for name in sleepers), (
+        "only the limited domain waits"
+    )
+
+
+async def test_a_throttling_reply_slows_the_pacer_and_quiet_speeds_it_up() -> None:
+    t = VirtualTime()
+    pacer = Pacer(rate=10.0, clock=t.clock, sleep=t.sleeper())
+    pacer.throttled()
+    assert pacer.limit == 5.0
+    t.now += 100.0
+    async with pacer.slot("x"):
+        pass
+    assert pacer.limit == 10.0
+
+
+def test_domains_are_lower_case_and_missing_ones_empty() -> None:
+    assert recipient_domain("A@B.Example") == "b.example"
+    assert recipient_domain("no-at-sign") == "no-at-sign"
+    assert recipient_domain(42) == ""
