@@ -11,12 +11,15 @@ again later can help: callers retry ``CouchTransientError`` and
     │   ├── CouchFatalError         404/400/413…: a person has to act
     │   │   └── CouchAccessDenied   401/403 (also a PermissionError)
     │   ├── DocumentConflict        409: someone else wrote the doc first (MVCC)
+    │   ├── DocumentRefused         a validation function refused one document's write
     │   └── CouchTransientError     429, 5xx, network trouble: retried with backoff
     │       └── CouchTimeoutError   no answer in time
     ├── LeaseLost                   another process took over this worker's slot
+    ├── HandlerCrashing             unexpected errors hit many messages in a row (a bug)
     └── DeliveryError               the handler could not deliver a message
         ├── PermanentDeliveryError  the message can never go: dead-letter it
         ├── TransientDeliveryError  try again later (SMTP 4xx, dropped connection)
+        │   ├── ThrottledDeliveryError   the relay asks the sender to slow down
         │   └── ChannelUnavailableError  the SMTP server cannot be reached at all
         └── DeliveryFatalError      the channel itself is unusable (TLS, sender refused)
             └── SmtpLoginRefused    the SMTP server refused the login (a PermissionError)
@@ -72,6 +75,14 @@ class DocumentConflict(CouchError):
     """
 
 
+class DocumentRefused(CouchError):
+    """CouchDB refused to write one document (``forbidden`` or ``unauthorized`` for
+    that document in a ``_bulk_docs`` answer): a validation function said no.
+
+    Not an access problem of the daemon's: it concerns that document only.
+    """
+
+
 class CouchTransientError(CouchError):
     """CouchDB is overloaded, restarting or unreachable; the request may succeed later."""
 
@@ -84,6 +95,11 @@ class LeaseLost(NotifierError):
     """This process no longer holds its worker's lease; it must stop sending."""
 
 
+class HandlerCrashing(NotifierError):
+    """Unexpected errors (a bug, a template that raises) hit many messages in a
+    row; the worker stops rather than defer or dead-letter the backlog for them."""
+
+
 class DeliveryError(NotifierError):
     """The handler could not deliver one message."""
 
@@ -94,6 +110,13 @@ class PermanentDeliveryError(DeliveryError):
 
 class TransientDeliveryError(DeliveryError):
     """The message could not be delivered now; it may be later."""
+
+
+class ThrottledDeliveryError(TransientDeliveryError):
+    """The relay refused for now because of the sender's pace (a quota, a rate limit).
+
+    The sender slows down; the message does not use up an attempt.
+    """
 
 
 class ChannelUnavailableError(TransientDeliveryError, ConnectionError):

@@ -6,15 +6,21 @@ connections (aiosmtplib), sized to the worker's concurrency, so a busy worker
 pays for a connect, TLS handshake and login once per connection, not once per
 email. A connection the server closed is replaced on the next send.
 
-SMTP outcomes are classified here and nowhere else:
+SMTP outcomes are turned into exceptions here; which reply means what is
+decided by :func:`notifier.replies.classify`:
 
 =================================  ==========================================
 5xx reply to RCPT or DATA          PermanentDeliveryError (dead letter)
-4xx reply, connection lost mid-    TransientDeliveryError (retried, bounded)
-send, read timeout
-cannot connect at all, 454 login   ChannelUnavailableError (retried, unbounded)
+421, 454, 4.7.x, "rate" replies    ThrottledDeliveryError (slow down; the
+                                   message uses up no attempt)
+other 4xx reply, connection lost   TransientDeliveryError (deferred and
+mid-send, read timeout             retried on the schedule)
+cannot connect at all, 454 login   ChannelUnavailableError (the relay is down:
+                                   pause and probe)
 login refused, TLS fails, 5xx to   DeliveryFatalError (the worker stops: every
 MAIL FROM, 530/535                 message would fail the same way)
+a non-ASCII local part, and a      PermanentDeliveryError (dead letter)
+server without SMTPUTF8
 =================================  ==========================================
 """
 
@@ -39,10 +45,12 @@ from notifier.errors import (
     DeliveryFatalError,
     PermanentDeliveryError,
     SmtpLoginRefused,
+    ThrottledDeliveryError,
     TransientDeliveryError,
 )
 from notifier.handler import Receipt
-from notifier.message import Composer
+from notifier.message import Composer, Email
+from notifier.replies import ReplyClass, classify, describe
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ class SmtpPool:
         self.config = config
         #: How errors name the server.
         self.where = f"SMTP server {config.host}:{config.port}"
+        self._tls = None if config.security == "none" else tls_context(config)
         self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._slots = asyncio.Semaphore(size)
         self.size = size
@@ -137,6 +146,7 @@ class SmtpPool:
             # server offers STARTTLS, which is not what "none" promises.
             start_tls=c.security == "starttls",
             validate_certs=c.tls_verify,
+            tls_context=self._tls,
             timeout=c.timeout,
             username=c.username,
             password=c.password.reveal() if c.password else None,
@@ -165,7 +175,12 @@ class SmtpPool:
                 raise DeliveryFatalError(
                     f"{where} refused the session: {e.code} {e.message}"
                 ) from None
-            raise ChannelUnavailableError(f"{where}: {e.code} {e.message}") from None
+            if classify(e.code, e.message) is ReplyClass.THROTTLED:
+                # "421 too many connections": the relay is up, we are too fast.
+                raise ThrottledDeliveryError(
+                    f"{where} refused the session for now: {describe(e.code, e.message)}"
+                ) from None
+            raise ChannelUnavailableError(f"{where}: {describe(e.code, e.message)}") from None
         except aiosmtplib.SMTPException as e:
             # aiosmtplib has no class of its own for a server without STARTTLS.
             if c.security == "starttls" and "STARTTLS" in str(e):
@@ -173,20 +188,47 @@ class SmtpPool:
                     f"{where}: {e} (check [smtp] security; nothing is sent in clear text)"
                 ) from None
             if isinstance(e.__cause__, ssl.SSLError):
-                raise DeliveryFatalError(
-                    f"{where}: TLS failed ([smtp] security, tls_verify): {e.__cause__}"
-                ) from None
+                raise DeliveryFatalError(f"{where}: TLS failed: {e.__cause__}{_TLS_HINT}") from None
             raise ChannelUnavailableError(f"cannot connect to {where}: {e}") from None
         except OSError as e:
             # aiosmtplib wraps TLS failures in SMTPConnectError; a certificate
             # that does not verify needs a person, not retries.
             if isinstance(e, ssl.SSLError) or isinstance(e.__cause__, ssl.SSLError):
                 raise DeliveryFatalError(
-                    f"{where}: TLS failed ([smtp] security, tls_verify): {e.__cause__ or e}"
+                    f"{where}: TLS failed: {e.__cause__ or e}{_TLS_HINT}"
                 ) from None
             raise ChannelUnavailableError(f"cannot connect to {where}: {e}") from None
         self.connects += 1
         return client
+
+
+_TLS_HINT = (
+    " (check [smtp] security; for a private CA set [smtp] ca_file to its certificate, "
+    "and client_cert/client_key if the relay asks for a client certificate)"
+)
+
+
+def tls_context(config: SmtpConfig) -> ssl.SSLContext:
+    """The TLS settings of every connection, built once: the system's CAs plus
+    ``ca_file``, and the client certificate if one is configured.
+
+    Verification is on unless ``tls_verify = false``.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        if config.ca_file is not None:
+            context.load_verify_locations(cafile=config.ca_file)
+        if config.client_cert is not None:
+            context.load_cert_chain(config.client_cert, keyfile=config.client_key)
+    except (ssl.SSLError, OSError) as e:
+        raise DeliveryFatalError(
+            "[smtp] ca_file, client_cert or client_key cannot be used: "
+            f"{getattr(e, 'strerror', None) or e}"
+        ) from None
+    return context
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:
@@ -229,7 +271,12 @@ class EmailHandler:
         where = self.pool.where
         try:
             async with self.pool.connection() as client:
-                await _transact(client, self.composer.sender, email.recipient, email.data)
+                if email.smtputf8 and not client.supports_extension("smtputf8"):
+                    raise PermanentDeliveryError(
+                        f"the recipient {email.recipient!r} has a non-ASCII local part, which "
+                        f"needs SMTPUTF8, and the {where} does not offer it"
+                    )
+                await _transact(client, self.composer.sender, email)
         except DeliveryError:
             # Already classified by the pool (some are OSErrors by mixin, so
             # this must come before the catch-all below).
@@ -239,9 +286,7 @@ class EmailHandler:
             raise _reply_error(refused.code, refused.message, "refused the recipient") from None
         except aiosmtplib.SMTPSenderRefused as e:
             if 400 <= e.code < 500:
-                raise TransientDeliveryError(
-                    f"{where} refused the sender for now: {e.code} {e.message}"
-                ) from None
+                raise _reply_error(e.code, e.message, "refused the sender for now") from None
             # A permanent refusal of *our* sender says nothing about this
             # message: every message would fail the same way, so stop rather
             # than dead-letter the whole backlog.
@@ -268,32 +313,44 @@ class EmailHandler:
         return {"messageId": email.message_id}
 
 
-async def _transact(client: aiosmtplib.SMTP, sender: str, recipient: str, data: bytes) -> None:
+async def _transact(client: aiosmtplib.SMTP, sender: str, email: Email) -> None:
     """MAIL, RCPT and DATA for one message, as aiosmtplib's ``sendmail`` does.
 
     ``sendmail`` re-parses both addresses with ``email.utils`` for every
-    message, a tenth of the daemon's CPU at load; these two are plain ASCII
-    addresses that were validated once (the sender at start-up, the
-    recipient by the composer), so the commands are written directly.
+    message, a tenth of the daemon's CPU at load; both addresses were
+    validated once (the sender at start-up, the recipient by the composer),
+    so the commands are written directly. A UTF-8 recipient goes with the
+    SMTPUTF8 parameter (RFC 6531), which the caller checked is offered.
     """
+    options = b" SMTPUTF8" if email.smtputf8 else b""
     try:
-        response = await client.execute_command(b"MAIL", b"FROM:<%s>" % sender.encode("ascii"))
+        response = await client.execute_command(
+            b"MAIL", b"FROM:<%s>%s" % (sender.encode("ascii"), options)
+        )
         if response.code != 250:
             raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
-        response = await client.execute_command(b"RCPT", b"TO:<%s>" % recipient.encode("ascii"))
+        response = await client.execute_command(
+            b"RCPT", b"TO:<%s>" % email.recipient.encode("utf-8")
+        )
         if response.code not in (250, 251):
-            refused = aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+            refused = aiosmtplib.SMTPRecipientRefused(
+                response.code, response.message, email.recipient
+            )
             raise aiosmtplib.SMTPRecipientsRefused([refused])
-        await client.data(data)
+        await client.data(email.data)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
         # Leave the session clean for the next message on this connection.
         with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
-            await client.rset()
+            if client.is_connected:
+                await client.rset()
         raise
 
 
 def _reply_error(code: int, text: str, what: str) -> Exception:
-    detail = f"SMTP server {what}: {code} {text}".strip()
-    if 400 <= code < 500:
-        return TransientDeliveryError(detail)
-    return PermanentDeliveryError(detail)
+    detail = f"SMTP server {what}: {describe(code, text)}"
+    kind = classify(code, text)
+    if kind is ReplyClass.PERMANENT:
+        return PermanentDeliveryError(detail)
+    if kind is ReplyClass.THROTTLED:
+        return ThrottledDeliveryError(detail)
+    return TransientDeliveryError(detail)

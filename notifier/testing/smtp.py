@@ -81,6 +81,11 @@ class RefusedMessage:
 RejectHook = Callable[[ReceivedEnvelopeInfo], str | None]
 RejectRecipientHook = Callable[[str], str | None]
 DropHook = Callable[[ReceivedEnvelopeInfo], bool]
+RecipientPredicate = Callable[[str], bool]
+
+#: What Amazon SES answers past its sending rate.
+QUOTA_REPLY = "454 Throttling failure: Maximum sending rate exceeded."
+CLOSING_REPLY = "421 4.7.0 Too many connections, closing transmission channel"
 
 
 def free_port(host: str = _LOOPBACK) -> int:
@@ -108,9 +113,41 @@ class _State:
     reject: RejectHook | None = None
     reject_recipient: RejectRecipientHook | None = None
     reject_sender: RejectRecipientHook | None = None
+    greylist: float = 0.0
+    quota: float = 0.0
+    outage_until: float = 0.0
+    outage_reply: str = ""
+    close_421: RecipientPredicate | None = None
+    # recipient -> monotonic time it was first seen (greylisting)
+    first_seen: dict[str, float] = field(default_factory=dict)
+    # monotonic times of the messages accepted in the last second (quota)
+    recent: collections.deque[float] = field(default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self.arrived = threading.Condition(self.lock)
+
+    def relay_refusal(self, recipient: str, now: float) -> str | None:
+        """A relay-wide refusal of ``recipient`` at RCPT, if a switch calls for one
+        (called with the lock held)."""
+        if now < self.outage_until:
+            return self.outage_reply
+        if self.greylist > 0:
+            first = self.first_seen.setdefault(recipient, now)
+            if now - first < self.greylist:
+                return (
+                    "450 4.2.0 Recipient address rejected: Greylisted, try again in "
+                    f"{self.greylist - (now - first):.0f} seconds"
+                )
+        return None
+
+    def over_quota(self, now: float) -> bool:
+        """Whether accepting a message now would exceed ``quota`` messages in the
+        last second (lock held)."""
+        if self.quota <= 0:
+            return False
+        while self.recent and self.recent[0] <= now - 1.0:
+            self.recent.popleft()
+        return len(self.recent) >= self.quota
 
 
 T = TypeVar("T")
@@ -190,7 +227,17 @@ class _Handler:
     ) -> str:
         with self._state.lock:
             hook = self._state.reject_recipient
-        reply = hook(address) if hook is not None else None
+            reply = self._state.relay_refusal(address, time.monotonic())
+            close = self._state.close_421
+        if reply is None and close is not None and close(address):
+            # A relay that gives up on the session: the reply, then the
+            # connection closes (aiosmtplib drops it on any 421 too).
+            reply = CLOSING_REPLY
+            transport = server.transport
+            if transport is not None:
+                asyncio.get_running_loop().call_soon(transport.close)
+        if reply is None and hook is not None:
+            reply = hook(address)
         if reply is not None:
             with self._state.lock:
                 self._state.refused.append(
@@ -237,6 +284,8 @@ class _Handler:
         reply = hook(info) if hook is not None else None
         now = time.monotonic()
         with self._state.lock:
+            if reply is None and self._state.over_quota(now):
+                reply = QUOTA_REPLY
             if reply is not None:
                 self._state.refused.append(
                     RefusedMessage(
@@ -249,6 +298,7 @@ class _Handler:
                     )
                 )
                 return reply
+            self._state.recent.append(now)
             self._state.received.append(
                 ReceivedMessage(
                     mail_from=info.mail_from,
@@ -293,8 +343,21 @@ class SmtpSink:
       refuses that recipient before any content is sent.
     - `reject_sender`: likewise for the MAIL FROM address.
 
+    Switches that act like real relays, and scale down to test times:
+
+    - `greylist`: seconds; each recipient's attempts are refused with
+      "450 4.2.0 … Greylisted" until that long after the first one.
+    - `quota`: messages per second; past it, DATA is answered with Amazon
+      SES's "454 Throttling failure: Maximum sending rate exceeded."
+    - `refuse_everyone(seconds, reply)`: every RCPT gets `reply` (default
+      "451 4.3.5 Server configuration problem") for a while, as a relay
+      with a configuration mistake, then it recovers.
+    - `close_421`: called with each RCPT TO address; when it returns True
+      the server answers "421 …" and closes the connection.
+
     Refusals are recorded in `refused`, not in `messages`. With `username`
     and `password`, the server requires AUTH (PLAIN or LOGIN) before MAIL.
+    `smtputf8=True` offers SMTPUTF8 (RFC 6531).
 
     `port` 0 (the default) picks a free port at each `start()`. A fixed port
     lets a test `stop()` the sink and `start()` it again where its clients
@@ -310,6 +373,7 @@ class SmtpSink:
         host: str = _LOOPBACK,
         port: int = 0,
         ready_timeout: float = 5.0,
+        smtputf8: bool = False,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
@@ -321,6 +385,7 @@ class SmtpSink:
         self.username = username
         self.password = password
         self._ready_timeout = ready_timeout
+        self._smtputf8 = smtputf8
         self._state = _State()
         self._controller: Controller | None = None
 
@@ -387,6 +452,7 @@ class SmtpSink:
                 port=port,
                 ready_timeout=self._ready_timeout,
                 server_hostname=_SERVER_NAME,
+                enable_SMTPUTF8=self._smtputf8,
             )
         return Controller(
             handler,
@@ -394,6 +460,7 @@ class SmtpSink:
             port=port,
             ready_timeout=self._ready_timeout,
             server_hostname=_SERVER_NAME,
+            enable_SMTPUTF8=self._smtputf8,
             authenticator=self._authenticate,
             # Without this aiosmtpd does not even advertise AUTH on a plain
             # connection; handle_MAIL enforces it instead of auth_required.
@@ -426,6 +493,17 @@ class SmtpSink:
     reject: _Knob[RejectHook | None] = _Knob()
     reject_sender: _Knob[RejectRecipientHook | None] = _Knob()
     reject_recipient: _Knob[RejectRecipientHook | None] = _Knob()
+    greylist: _Knob[float] = _Knob(lambda seconds: "greylist must be >= 0" if seconds < 0 else None)
+    quota: _Knob[float] = _Knob(lambda rate: "quota must be >= 0" if rate < 0 else None)
+    close_421: _Knob[RecipientPredicate | None] = _Knob()
+
+    def refuse_everyone(
+        self, seconds: float, reply: str = "451 4.3.5 Server configuration problem"
+    ) -> None:
+        """Answer every RCPT with ``reply`` for ``seconds`` from now, then recover."""
+        with self._state.lock:
+            self._state.outage_until = time.monotonic() + seconds
+            self._state.outage_reply = reply
 
     # -- what arrived ------------------------------------------------------
 
