@@ -349,7 +349,7 @@ def _status_error(response: httpx.Response, what: str) -> CouchError:
     message = f"CouchDB {what}: {status} {detail}"
     if status == 409:
         return DocumentConflict(message, status=status, error=error, reason=reason)
-    if status >= 500 or status in (408, 429):
+    if (status >= 500 and status != 501) or status in (408, 429):
         # Overload, restarts, proxies in between: a retry can succeed.
         return CouchTransientError(message, status=status, error=error, reason=reason)
     if status == 401:
@@ -360,6 +360,8 @@ def _status_error(response: httpx.Response, what: str) -> CouchError:
         return CouchAccessDenied(message, status=status, error=error, reason=reason)
     if status == 404 and reason in _MISSING_DATABASE:
         message += " (the database does not exist)"
+    if status == 501:
+        message += " (this server does not implement it)"
     return CouchFatalError(message, status=status, error=error, reason=reason)
 
 

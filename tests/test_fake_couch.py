@@ -673,7 +673,7 @@ async def test_bad_database_names_and_special_members_are_400(client: httpx.Asyn
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("POST", f"/{DB}/_find", {"selector": {}}),
+        ("POST", f"/{DB}/_explain", {"selector": {}}),
         ("GET", f"/{DB}/a/attachment.txt", None),
         ("POST", f"/{DB}/_bulk_docs", {"docs": [], "new_edits": False}),
         ("GET", f"/{DB}/_design/app/_view/by_date", None),

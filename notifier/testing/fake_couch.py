@@ -58,6 +58,8 @@ from urllib.parse import parse_qsl, unquote
 import httpx
 from sortedcontainers import SortedDict
 
+from notifier.testing import fake_find
+
 __all__ = [
     "IN_PROCESS_URL",
     "FakeCouch",
@@ -110,8 +112,6 @@ _IGNORED_SPECIALS: Final = frozenset(
 # test never mistakes "not implemented here" for "missing" (404).
 _UNIMPLEMENTED_DB_ENDPOINTS: Final = frozenset(
     {
-        "_find",
-        "_index",
         "_explain",
         "_revs_diff",
         "_missing_revs",
@@ -1198,9 +1198,14 @@ class FakeCouch:
                 self._db_checked(db_name)
                 raise _not_implemented(method, decoded_path)
             return self._document_endpoint(method, db_name, doc_id, params, body)
+        if rest[0] == "_index":
+            return self._index(method, db_name, rest[1:], headers, body)
         if len(rest) > 1:
             raise _not_implemented(method, decoded_path)  # attachments
         name = rest[0]
+        if name == "_find":
+            _allow(method, "POST")
+            return self._find(db_name, headers, body)
         if name == "_all_docs":
             return self._all_docs(method, db_name, params, headers, body)
         if name == "_bulk_docs":
@@ -1476,6 +1481,88 @@ class FakeCouch:
         if results == before:
             results.reverse()
         self._event("shuffled", "POST", f"/{db_name}/_bulk_docs", f"{len(results)} rows")
+
+    # -- mango (see notifier.testing.fake_find) ---------------------------------------
+
+    def _find(self, db_name: str, headers: dict[str, str], body: bytes) -> FakeResponse:
+        _require_json_ctype(headers)
+        request = _json_body(body)
+        with self._lock:
+            db = self._db(db_name)
+            live = [d.to_json() for d in db.docs.values() if not d.deleted]
+            docs = [d for d in live if not d["_id"].startswith("_design/")]
+            indexes = fake_find.indexes_of(d for d in live if d["_id"].startswith("_design/"))
+            try:
+                answer = fake_find.find(
+                    docs,
+                    indexes,
+                    request,
+                    compile_selector=compile_selector,
+                    collate=_collate,
+                )
+            except fake_find.FindError as e:
+                raise FakeCouchError(e.status, e.error, e.reason) from None
+        return _json_response(200, copy.deepcopy(answer))
+
+    def _index(
+        self, method: str, db_name: str, rest: list[str], headers: dict[str, str], body: bytes
+    ) -> FakeResponse:
+        with self._lock:
+            db = self._db(db_name)
+            design = [
+                d.to_json()
+                for d in db.docs.values()
+                if not d.deleted and d.id.startswith("_design/")
+            ]
+            indexes = fake_find.indexes_of(design)
+        if not rest:
+            _allow(method, "GET", "POST")
+            if method == "GET":
+                special = {
+                    "ddoc": None,
+                    "name": "_all_docs",
+                    "type": "special",
+                    "def": {"fields": [{"_id": "asc"}]},
+                }
+                listed = [special, *(i.to_json() for i in indexes)]
+                return _json_response(200, {"total_rows": len(listed), "indexes": listed})
+            _require_json_ctype(headers)
+            try:
+                ddoc_id, name, index = fake_find.parse_index_request(_json_body(body), self._new_id)
+            except fake_find.FindError as e:
+                raise FakeCouchError(e.status, e.error, e.reason) from None
+            with self._lock:
+                db = self._db(db_name)
+                existing = db.docs.get(ddoc_id)
+                current = existing.to_json() if existing and not existing.deleted else None
+                updated = fake_find.index_design_doc(current, index)
+                if updated is not None:
+                    self._write(db, updated, doc_id=None, query_rev=None)
+            if updated is None:
+                return _json_response(200, {"result": "exists", "id": ddoc_id, "name": name})
+            self._notify(db_name)
+            return _json_response(200, {"result": "created", "id": ddoc_id, "name": name})
+        if len(rest) == 3 and method == "DELETE":
+            ddoc, kind, name = rest
+            ddoc_id = ddoc if ddoc.startswith("_design/") else f"_design/{ddoc}"
+            if kind != "json" or not any(i.ddoc == ddoc_id and i.name == name for i in indexes):
+                raise FakeCouchError(404, "not_found", "Index not found")
+            with self._lock:
+                db = self._db(db_name)
+                current = db.docs[ddoc_id].to_json()
+                views = {k: v for k, v in current["views"].items() if k != name}
+                if views:
+                    self._write(db, {**current, "views": views}, doc_id=None, query_rev=None)
+                else:
+                    self._write(
+                        db,
+                        {"_id": ddoc_id, "_rev": current["_rev"], "_deleted": True},
+                        doc_id=None,
+                        query_rev=None,
+                    )
+            self._notify(db_name)
+            return _json_response(200, {"ok": True})
+        raise _not_implemented(method, f"/{db_name}/_index/" + "/".join(rest))
 
     def _all_docs(
         self,
