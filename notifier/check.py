@@ -339,7 +339,9 @@ async def _check_smtp(config: Config, checks: _Checks) -> None:
                 e,
                 str(e),
                 'check [smtp] security ("tls" for port 465, "starttls" for 587, '
-                '"none" for a local relay) and [smtp] tls_verify',
+                '"none" for a local relay); for a relay whose certificate a private CA '
+                "signed, set [smtp] ca_file to that CA's certificate (PEM) rather than "
+                "turning tls_verify off",
             )
             checks.skip(SMTP_SENDER, "no SMTP session")
         except DeliveryError as e:

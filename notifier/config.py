@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from notifier.errors import ConfigError
+from notifier.pacing import DomainLimit
 from notifier.templates import compile_template
 
 COUCH_PASSWORD_ENV = "NOTIFIER_COUCH_PASSWORD"  # noqa: S105 (a variable name)
@@ -87,7 +88,18 @@ class SmtpConfig:
     password_file: str | None = None
     timeout: float = 30.0
     tls_verify: bool = True
-    max_attempts: int = 5
+    # A private CA's certificates (PEM), trusted in addition to none other.
+    ca_file: str | None = None
+    # A client certificate (PEM) and its key, for relays that ask for one.
+    client_cert: str | None = None
+    client_key: str | None = None
+    # Messages per second for the whole worker set (None: no limit); each
+    # worker paces at max_rate / worker_count.
+    max_rate: float | None = None
+    # [smtp.domains."example.com"]: per recipient domain limits.
+    domains: Mapping[str, DomainLimit] = field(default_factory=dict)
+    # No longer used: temporary failures are retried until [delivery] max_age.
+    max_attempts: int | None = None
     password: Secret | None = field(default=None, repr=False)
 
 
@@ -121,6 +133,28 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeliveryConfig:
+    # Seconds before the first retry of a temporary failure; each later one
+    # waits twice as long, up to retry_max; jittered.
+    retry_first: float = 60.0
+    retry_max: float = 14_400.0
+    # Seconds after its first failure that a message is dead-lettered.
+    max_age: float = 432_000.0
+    # Seconds between looks for deferred messages that are due.
+    scan_interval: float = 30.0
+    # Seconds a throttled message keeps waiting for the slower pace before
+    # it is deferred (without using up an attempt).
+    throttle_hold: float = 60.0
+    # An outage: this many different recipients refused for now within
+    # outage_window seconds, nothing accepted in between.
+    outage_recipients: int = 10
+    outage_window: float = 60.0
+    # Seconds until the first probe of a paused relay; then doubling to probe_max.
+    probe_first: float = 5.0
+    probe_max: float = 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
     listen: str | None = None
 
@@ -131,8 +165,11 @@ class Config:
     smtp: SmtpConfig
     email: EmailConfig
     worker: WorkerConfig
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<defaults>"
+    #: Things to tell the operator that do not stop the start (deprecated keys).
+    warnings: tuple[str, ...] = ()
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -140,6 +177,7 @@ SECTIONS: dict[str, type[Any]] = {
     "smtp": SmtpConfig,
     "email": EmailConfig,
     "worker": WorkerConfig,
+    "delivery": DeliveryConfig,
     "metrics": MetricsConfig,
 }
 # Keys that must be strictly positive (or at least 1 for counts).
@@ -149,6 +187,7 @@ _POSITIVE = {
     ("smtp", "port"),
     ("smtp", "timeout"),
     ("smtp", "max_attempts"),
+    ("smtp", "max_rate"),
     ("email", "max_body_bytes"),
     ("worker", "worker_count"),
     ("worker", "max_parallel"),
@@ -159,8 +198,22 @@ _POSITIVE = {
     ("worker", "mark_batch_delay"),
     ("worker", "claim_ttl"),
     ("worker", "retire_after"),
+    ("delivery", "retry_first"),
+    ("delivery", "retry_max"),
+    ("delivery", "max_age"),
+    ("delivery", "scan_interval"),
+    ("delivery", "throttle_hold"),
+    ("delivery", "outage_recipients"),
+    ("delivery", "outage_window"),
+    ("delivery", "probe_first"),
+    ("delivery", "probe_max"),
 }
 _NOT_FROM_FILE = {"password"}
+#: Keys still read but no longer used: accepted with a warning, so that an
+#: upgrade never stops a worker from starting.
+DEPRECATED_KEYS = {("smtp", "max_attempts")}
+#: Keys whose value is a table of tables (``[smtp.domains."example.com"]``).
+TABLE_KEYS = {("smtp", "domains")}
 
 T = TypeVar("T")
 
@@ -218,6 +271,20 @@ def from_mapping(
     smtp = dataclasses.replace(
         smtp, password=_password("smtp", smtp, SMTP_PASSWORD_ENV, env, source)
     )
+    smtp = _resolve_tls_files(smtp, base_dir or Path.cwd(), source)
+    warnings: list[str] = []
+    if smtp.max_attempts is not None:
+        warnings.append(
+            f"{source}: [smtp] max_attempts is no longer used and can be removed: temporary "
+            "failures are deferred and retried until [delivery] max_age"
+        )
+    delivery: DeliveryConfig = sections["delivery"]
+    for low, high in (("retry_first", "retry_max"), ("probe_first", "probe_max")):
+        if getattr(delivery, low) > getattr(delivery, high):
+            raise ConfigError(
+                f"{source}: [delivery] {low} ({getattr(delivery, low):g}) must not exceed "
+                f"{high} ({getattr(delivery, high):g})"
+            )
     email: EmailConfig = sections["email"]
     sender = email.sender
     if any(c < " " or c == "\x7f" for c in email.sender_name):
@@ -239,9 +306,36 @@ def from_mapping(
         smtp=smtp,
         email=email,
         worker=worker,
+        delivery=delivery,
         metrics=metrics,
         source=source,
+        warnings=tuple(warnings),
     )
+
+
+def _resolve_tls_files(smtp: SmtpConfig, base_dir: Path, source: str) -> SmtpConfig:
+    """Make the TLS file paths absolute and check each can be read now, so that a
+    typo stops start-up (and ``check``) instead of failing the first send."""
+    if smtp.client_key is not None and smtp.client_cert is None:
+        raise ConfigError(f"{source}: [smtp] client_key is set without client_cert")
+    resolved: dict[str, Any] = {}
+    for key in ("ca_file", "client_cert", "client_key"):
+        value = getattr(smtp, key)
+        if value is None:
+            continue
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{source}: [smtp] {key}: cannot read {path}: {e.strerror}") from None
+        resolved[key] = str(path)
+    if smtp.security == "none" and resolved:
+        raise ConfigError(
+            f'{source}: [smtp] {next(iter(resolved))} is set but security is "none": '
+            'use "starttls" or "tls"'
+        )
+    return dataclasses.replace(smtp, **resolved)
 
 
 def _resolve_templates(email: EmailConfig, base_dir: Path, source: str) -> EmailConfig:
@@ -281,6 +375,9 @@ def _build_section(cls: type[T], section: str, table: Mapping[str, Any], source:
     allowed = [name for name in fields if name not in _NOT_FROM_FILE]
     values: dict[str, Any] = {}
     for key, value in table.items():
+        if (section, key) == ("smtp", "domains"):
+            values[key] = _domain_limits(value, f"{source}: [smtp.domains]")
+            continue
         if key not in allowed:
             hint = ""
             if key in _NOT_FROM_FILE:
@@ -330,6 +427,38 @@ def _coerce(value: Any, hint: Any, section: str, key: str, source: str) -> Any:
     if (section, key) in _POSITIVE and not value > 0:
         raise ConfigError(f"{where}: expected a value greater than 0, got {value!r}")
     return value
+
+
+def _domain_limits(value: Any, where: str) -> dict[str, DomainLimit]:
+    """``[smtp.domains."example.com"]`` tables: ``max_parallel`` and ``max_rate``."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected tables named by domain, got {_kind(value)}")
+    limits: dict[str, DomainLimit] = {}
+    for domain, table in value.items():
+        at = f'{where[:-1]}."{domain}"]'
+        name = domain.strip().lower()
+        if not name or "@" in name or any(c.isspace() for c in name):
+            raise ConfigError(f'{at}: expected a domain name such as "example.com"')
+        if not isinstance(table, dict):
+            raise ConfigError(f"{at}: expected a table, got {_kind(table)}")
+        unknown = sorted(set(table) - {"max_parallel", "max_rate"})
+        if unknown:
+            raise ConfigError(f"{at} {unknown[0]}: unknown key; known keys: max_parallel, max_rate")
+        parallel, rate = table.get("max_parallel"), table.get("max_rate")
+        if parallel is not None and (
+            isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1
+        ):
+            raise ConfigError(f"{at} max_parallel: expected an integer of at least 1")
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0
+        ):
+            raise ConfigError(f"{at} max_rate: expected a number of messages per second above 0")
+        if parallel is None and rate is None:
+            raise ConfigError(f"{at}: set max_parallel, max_rate or both")
+        limits[name] = DomainLimit(
+            max_parallel=parallel, max_rate=None if rate is None else float(rate)
+        )
+    return limits
 
 
 def _kind(value: Any) -> str:

@@ -36,11 +36,11 @@ from typing import Any
 
 from notifier.couch import CouchClient
 from notifier.errors import (
-    CouchAccessDenied,
     CouchError,
     CouchFatalError,
     CouchTransientError,
     DocumentConflict,
+    DocumentRefused,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def row_error(row: Mapping[str, Any], database: str) -> CouchError:
         return DocumentConflict(message, status=409, error=error, reason=reason)
     if error in ("forbidden", "unauthorized"):
         status = 403 if error == "forbidden" else 401
-        return CouchAccessDenied(message, status=status, error=error, reason=reason)
+        return DocumentRefused(message, status=status, error=error, reason=reason)
     # Anything else is about this document (too large, invalid): a 400.
     return CouchFatalError(message, status=400, error=error, reason=reason)
 

@@ -4,9 +4,11 @@
 
 ``/metrics``
     Prometheus text format (``prometheus-client``): counters of emails sent,
-    dead-lettered, retried and failed; gauges of messages in flight, seconds
-    since the checkpoint was last known good, and whether the feed is
-    connected; a histogram of the time each accepted email took to deliver.
+    deferred, scheduled, dead-lettered and failed, of throttling replies,
+    relay outages, unexpected errors and refused writes; gauges of messages
+    in flight, seconds since the checkpoint was last known good, whether the
+    feed is connected, whether the relay is paused and the rate paced at; a
+    histogram of the time each accepted email took to deliver.
 ``/healthz``
     ``200 {"status": "ok"}`` while the feed is connected and the checkpoint is
     fresh, ``503 {"status": "unhealthy", "reasons": [...]}`` otherwise.
@@ -52,11 +54,41 @@ class _WorkerCollector(Collector):
                 "Messages marked as undeliverable.",
                 st.dead_lettered,
             ),
-            ("notifier_delivery_retries", "Delivery attempts that will be retried.", st.retried),
+            (
+                "notifier_emails_deferred",
+                "Temporary failures written as deferrals, to be retried on the schedule.",
+                st.deferred,
+            ),
+            (
+                "notifier_emails_scheduled",
+                "Messages held until their sendAt.",
+                st.scheduled,
+            ),
             (
                 "notifier_delivery_failures",
-                "Delivery attempts that failed (retried or given up).",
-                st.retried + st.dead_lettered,
+                "Delivery attempts that failed (deferred or dead-lettered).",
+                st.deferred + st.dead_lettered,
+            ),
+            (
+                "notifier_throttled",
+                "Throttling replies from the relay (each slows the sender down).",
+                w.delivery.throttled,
+            ),
+            (
+                "notifier_relay_outages",
+                "Times sending was paused because the relay looked down.",
+                w.delivery.breaker.opened,
+            ),
+            (
+                "notifier_unexpected_errors",
+                "Deliveries that failed with an unexpected error (a bug or a broken template).",
+                w.delivery.crashes,
+            ),
+            (
+                "notifier_documents_unwritable",
+                "Claims, marks or deferrals that CouchDB refused for one document "
+                "(a validation function).",
+                st.unwritable,
             ),
             (
                 "notifier_claim_conflicts",
@@ -85,6 +117,16 @@ class _WorkerCollector(Collector):
                 time.monotonic() - w.checkpoint_ok_at,
             ),
             ("notifier_feed_connected", "1 while the changes feed is connected.", w.feed.connected),
+            (
+                "notifier_relay_paused",
+                "1 while sending is paused because the relay looks down.",
+                w.delivery.paused,
+            ),
+            (
+                "notifier_send_rate_limit",
+                "Messages per second this worker paces at now (0: no limit).",
+                w.delivery.pacer.limit or 0.0,
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["worker"])
             gauge.add_metric(list(label.values()), float(gauge_value))

@@ -32,6 +32,8 @@ from notifier.lease import Lease
 from notifier.mailer import EmailHandler, SmtpPool
 from notifier.message import Composer
 from notifier.metrics import Observability
+from notifier.pacing import DomainLimit
+from notifier.schedule import RetrySchedule
 from notifier.shard import Shard
 from notifier.systemd import SystemdNotifier
 from notifier.templates import load_templates
@@ -45,7 +47,10 @@ STATUS_INTERVAL = 5.0
 
 
 def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
-    w = config.worker
+    w, d, smtp = config.worker, config.delivery, config.smtp
+    # Rates are for the whole worker set: documents spread evenly over the
+    # workers by the hash of their id, so each paces at its share.
+    share = 1 / shard.worker_count
     return WorkerSettings(
         database=config.couch.database,
         shard=shard,
@@ -53,7 +58,21 @@ def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
         checkpoint_interval=w.checkpoint_interval,
         drain_timeout=w.drain_timeout,
         heartbeat=config.couch.heartbeat,
-        max_attempts=config.smtp.max_attempts,
+        schedule=RetrySchedule(first=d.retry_first, cap=d.retry_max, max_age=d.max_age),
+        scan_interval=d.scan_interval,
+        max_rate=None if smtp.max_rate is None else smtp.max_rate * share,
+        domains={
+            domain: DomainLimit(
+                max_parallel=limit.max_parallel,
+                max_rate=None if limit.max_rate is None else limit.max_rate * share,
+            )
+            for domain, limit in smtp.domains.items()
+        },
+        throttle_hold=d.throttle_hold,
+        outage_recipients=d.outage_recipients,
+        outage_window=d.outage_window,
+        probe_first=d.probe_first,
+        probe_max=d.probe_max,
         mark_batch_size=w.mark_batch_size,
         mark_batch_delay=w.mark_batch_delay,
         claims=w.claims,

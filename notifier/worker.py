@@ -8,8 +8,14 @@ in-flight tracker and checkpoint store into one pipeline, and owns its lifecycle
 What it promises (see DESIGN.md):
 
 * A change counts as done only once the handler delivered it *and* the
-  document was marked, or once it was dead-lettered. The checkpoint never
-  passes a change that is not done.
+  document was marked, once it was dead-lettered, or once its deferral (a
+  temporary failure, or a ``sendAt`` still ahead) is written on the document,
+  from where :mod:`notifier.retries` finds it again when it is due. The
+  checkpoint never passes a change that is not done, and never waits for a
+  deferred message either.
+* What happens to a message next is decided by :func:`notifier.lifecycle.decide`;
+  how a delivery is attempted (outage gate, pace, reply classes) by
+  :class:`notifier.delivery.Delivery`. This module carries their steps out.
 * Every row moves the checkpoint once all rows before it are done, including
   rows it skips (another shard, design docs, tombstones, bare positions).
 * At most ``max_parallel`` messages are in flight, and the feed is not read
@@ -34,12 +40,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from notifier.backoff import Backoff
+from notifier.breaker import OutageBreaker
 from notifier.checkpoint import CheckpointStore
 from notifier.claim import (
     CLAIM,
@@ -49,41 +55,55 @@ from notifier.claim import (
     Verdict,
     Watch,
     assess,
-    without_claim,
 )
 from notifier.couch import CouchClient, short_reason
+from notifier.delivery import Abandoned, Delivery
 from notifier.errors import (
-    ChannelUnavailableError,
     CouchFatalError,
     CouchTransientError,
-    DeliveryError,
     DocumentConflict,
-    PermanentDeliveryError,
-    TransientDeliveryError,
+    DocumentRefused,
 )
 from notifier.feed import Change, ChangeFeed
 from notifier.handler import Handler
 from notifier.lease import Lease
+from notifier.lifecycle import (
+    FAILED,
+    HISTORY,
+    NOTIFIED,
+    RECORD,
+    RETRY,
+    SELECTOR,
+    Claim,
+    Forget,
+    Outcome,
+    Send,
+    Wait,
+    Write,
+    decide,
+    is_settled,
+)
 from notifier.marker import BulkWriter
+from notifier.pacing import DomainLimit, Pacer
+from notifier.retries import DueMessages
+from notifier.schedule import RetrySchedule
 from notifier.shard import Shard
 from notifier.tracker import InFlightTracker
 
 log = logging.getLogger(__name__)
 
-#: The flag existing applications already read.
-NOTIFIED = "notifiedRecipient"
-#: The richer record next to it: when, by which worker, the Message-ID.
-RECORD = "notification"
-#: A dead letter: why the message could not be delivered.
-FAILED = "notificationFailed"
-
-#: The server-side filter. Only ``$exists: false`` behaves the same on CouchDB
-#: and PouchDB Server (in CouchDB a missing field matches no other operator),
-#: and no ``$or`` (PouchDB Server can crash evaluating one).
-SELECTOR: Mapping[str, Any] = {
-    NOTIFIED: {"$exists": False},
-    FAILED: {"$exists": False},
-}
+__all__ = [
+    "FAILED",
+    "HISTORY",
+    "NOTIFIED",
+    "RECORD",
+    "RETRY",
+    "SELECTOR",
+    "Stats",
+    "Worker",
+    "WorkerSettings",
+    "is_settled",
+]
 
 #: How many recently settled doc ids to remember. A row read from the feed
 #: can describe a revision older than our mark (it sat in the socket buffer
@@ -107,10 +127,6 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-class _Abandoned(Exception):
-    """A message given up because the worker is stopping; it will be resent later."""
-
-
 class _ClaimLost(Exception):
     """Another worker took our claim over while we waited to retry."""
 
@@ -132,11 +148,14 @@ class Stats:
 
     sent: int = 0
     dead_lettered: int = 0
-    retried: int = 0
+    #: Temporary failures written as deferrals; messages held for their sendAt.
+    deferred: int = 0
+    scheduled: int = 0
     skipped: int = 0
     conflicts: int = 0
     abandoned: int = 0
-    unmarkable: int = 0
+    #: Claims, marks or deferrals CouchDB refused for good (a validation function).
+    unwritable: int = 0
     #: Claims lost to another worker's write (409), waits for another
     #: worker's claim, and claims taken over from a crashed worker.
     claim_conflicts: int = 0
@@ -154,12 +173,24 @@ class WorkerSettings:
     checkpoint_interval: float = 5.0
     drain_timeout: float = 30.0
     heartbeat: float = 10.0
-    max_attempts: int = 5
     resync_after: float = 60.0
-    # Backoff between delivery attempts (SMTP) and between CouchDB retries
-    # (requests and feed reconnects), in seconds: first delay, and ceiling.
-    retry_base: float = 1.0
-    retry_cap: float = 60.0
+    # When temporary failures are retried, and when given up.
+    schedule: RetrySchedule = field(default_factory=RetrySchedule)
+    # Seconds between looks for due deferred messages.
+    scan_interval: float = 30.0
+    # Pacing: this worker's share of [smtp] max_rate, and per-domain limits.
+    max_rate: float | None = None
+    domains: Mapping[str, DomainLimit] = field(default_factory=dict)
+    throttle_hold: float = 60.0
+    # The outage breaker (see notifier.breaker).
+    outage_recipients: int = 10
+    outage_window: float = 60.0
+    probe_first: float = 5.0
+    probe_max: float = 120.0
+    # Unexpected errors in a row that stop the worker (exit 70).
+    crash_limit: int = 10
+    # Backoff between CouchDB retries (requests and feed reconnects), in
+    # seconds: first delay, and ceiling.
     couch_retry_base: float = 0.5
     couch_retry_cap: float = 30.0
     mark_batch_size: int = 100
@@ -171,8 +202,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.max_parallel < 1:
             raise ValueError(f"max_parallel must be at least 1, got {self.max_parallel}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.scan_interval <= 0:
+            raise ValueError(f"scan_interval must be positive, got {self.scan_interval}")
 
 
 class Worker:
@@ -214,6 +245,22 @@ class Worker:
         )
         self.claimant = Claimant.this_process(str(s.shard), s.claim_ttl) if s.claims else None
         self._poller = ClaimPoller(couch, database=s.database)
+        self._stopping = asyncio.Event()
+        self.delivery = Delivery(
+            handler,
+            pacer=Pacer(rate=s.max_rate, domains=s.domains),
+            breaker=OutageBreaker(
+                recipients=s.outage_recipients,
+                window=s.outage_window,
+                probe_first=s.probe_first,
+                probe_max=s.probe_max,
+            ),
+            stopping=self._stopping,
+            throttle_hold=s.throttle_hold,
+            crash_limit=s.crash_limit,
+        )
+        self.delivery.on_delivered = self._delivered
+        self._due = DueMessages(couch, database=s.database, shard=s.shard)
         self.tracker = InFlightTracker()
         self.stats = Stats()
         self.ready = asyncio.Event()
@@ -229,17 +276,15 @@ class Worker:
         self._active: dict[str, asyncio.Event] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
         self._fatal: BaseException | None = None
         self._saved_arrival = 0
-        self._smtp_down_since: float | None = None
         self._couch_down_since: float | None = None
 
     def __repr__(self) -> str:
         st = self.stats
         return (
             f"<Worker {self.settings.shard} in_flight={len(self._tasks)} sent={st.sent} "
-            f"dead_lettered={st.dead_lettered} retried={st.retried} skipped={st.skipped} "
+            f"dead_lettered={st.dead_lettered} deferred={st.deferred} skipped={st.skipped} "
             f"checkpoint_writes={self._checkpoints.writes}>"
         )
 
@@ -251,10 +296,15 @@ class Worker:
         """One line of live counts (systemd's STATUS=, logs)."""
         st = self.stats
         feed = "connected" if self.feed.connected else "disconnected"
+        paused = ", relay paused" if self.delivery.paused else ""
         return (
-            f"{self.phase}: {st.sent} sent, {st.dead_lettered} dead-lettered, "
-            f"{self.in_flight} in flight, feed {feed}"
+            f"{self.phase}: {st.sent} sent, {st.deferred} deferred, "
+            f"{st.dead_lettered} dead-lettered, {self.in_flight} in flight, feed {feed}{paused}"
         )
+
+    def _delivered(self, seconds: float) -> None:
+        if self.on_delivered is not None:
+            self.on_delivered(seconds)
 
     def _on_feed_connected(self) -> None:
         if not self.ready.is_set():
@@ -311,14 +361,19 @@ class Worker:
             log.info("worker %s: no checkpoint yet; starting from the beginning", s.shard)
         else:
             log.info("worker %s: resuming from checkpoint %r", s.shard, since)
-        await self._handler.check()
+        await self._due.prepare()
+        await self.delivery.check()
         if self._stopping.is_set():
             return
         follower = asyncio.create_task(self._follow(0 if since is None else since))
         # The lease is renewed by the same kind of task as the checkpoint
         # timer; renewal stops with it, and the lease is released after the
-        # final checkpoint.
-        timers = [asyncio.create_task(self._checkpoint_timer())]
+        # final checkpoint. The look for due messages is intake, stopped
+        # with the follower.
+        timers = [
+            asyncio.create_task(self._checkpoint_timer()),
+            asyncio.create_task(self._look_for_due()),
+        ]
         if self._lease is not None:
             timers.append(asyncio.create_task(self._lease.keep()))
         for task in (follower, *timers):
@@ -381,14 +436,18 @@ class Worker:
         self.phase = "stopped"
         st = self.stats
         log.info(
-            "worker %s stopped: sent %d, dead-lettered %d, retried %d, skipped %d, "
+            "worker %s stopped: sent %d, deferred %d, scheduled %d, dead-lettered %d, "
+            "skipped %d, throttled %d, relay paused %d times, "
             "claims lost %d, waited for %d, taken over %d, "
             "couch_requests=%d checkpoint_writes=%d checkpoint=%r",
             s.shard,
             st.sent,
+            st.deferred,
+            st.scheduled,
             st.dead_lettered,
-            st.retried,
             st.skipped,
+            self.delivery.throttled,
+            self.delivery.breaker.opened,
             st.claim_conflicts,
             st.claim_waits,
             st.takeovers,
@@ -432,11 +491,43 @@ class Worker:
                     self.tracker.add_done(change.seq)
                     continue
                 arrival = self.tracker.add(change.seq)
-                task = asyncio.create_task(self._process(arrival, change))
-                self._tasks.add(task)
-                task.add_done_callback(self._on_message_done)
+                assert change.doc_id is not None
+                self._start(self._handle(change.doc_id, change.doc, arrival))
         finally:
             await rows.aclose()
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run one message's work (its slot already taken) as a tracked task."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._on_message_done)
+
+    async def _look_for_due(self) -> None:
+        """Every ``scan_interval``, and once at start, take in this shard's deferred
+        messages that are due. Like the feed, it waits for a free slot per message."""
+        failing_since: float | None = None
+        while True:
+            if not self.delivery.paused:  # paused: they would only wait at the gate
+                try:
+                    async for page in self._due.due(time.time()):
+                        for doc in page:
+                            doc_id = str(doc["_id"])
+                            if doc_id in self._active:
+                                continue
+                            await self._slots.acquire()
+                            self._start(self._handle(doc_id, doc, None))
+                except CouchTransientError as e:
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("cannot look for due deferred messages for now: %s", e)
+                else:
+                    if failing_since is not None:
+                        log.info(
+                            "looking for due deferred messages works again after %.1fs",
+                            time.monotonic() - failing_since,
+                        )
+                        failing_since = None
+            await asyncio.sleep(self.settings.scan_interval)
 
     def _wanted(self, change: Change) -> bool:
         """Whether a row is this worker's work; everything else only moves the checkpoint."""
@@ -455,11 +546,11 @@ class Worker:
 
     # -- one message -----------------------------------------------------------
 
-    async def _process(self, arrival: int, change: Change) -> None:
-        doc_id = change.doc_id
-        assert doc_id is not None
+    async def _handle(
+        self, doc_id: str, doc: Mapping[str, Any] | None, arrival: int | None
+    ) -> None:
+        """Settle one message, from a feed row (``arrival``) or a look for due ones."""
         try:
-            doc = change.doc
             waited = False
             # The same document may come again while its first copy is in
             # flight (a user edit, a replayed feed). Wait for that one and
@@ -482,44 +573,46 @@ class Worker:
             finally:
                 del self._active[doc_id]
                 done.set()
-            self.tracker.complete(arrival)
-        except _Abandoned:
+            if arrival is not None:
+                self.tracker.complete(arrival)
+        except Abandoned:
             self.stats.abandoned += 1
         finally:
             self._slots.release()
 
     async def _settle(self, doc_id: str, doc: Mapping[str, Any] | None) -> None:
-        """Claim, deliver and mark the message, unless it is settled already.
-
-        While another worker holds a claim on it, look again at each poll
-        until that worker settles it, or its claim stays unchanged for a
-        whole ttl (the worker is gone) and is taken over.
-        """
+        """Carry out :func:`notifier.lifecycle.decide`'s steps until the message is
+        settled, deferred or someone else's."""
+        claims = self.claimant is not None
         watch: Watch | None = None
-        while doc is not None and not is_settled(doc):
-            claimed = _Claimed(doc)
-            if self.claimant is not None:
-                verdict = assess(doc, self.claimant)
-                lapsed = False
-                if verdict.verdict is Verdict.HELD:
-                    claim = doc[CLAIM]
-                    watch = watch or Watch.of(claim, self.claimant.ttl, poll=CLAIM_POLL)
-                    lapsed = watch.lapsed(claim, time.monotonic())
-                    if not lapsed:
-                        self.stats.claim_waits += 1
-                        log.debug("message %s: %s; waiting for it", doc_id, verdict.reason)
-                        doc = await self._look_again(doc_id, within=CLAIM_POLL)
-                        continue
-                    verdict = Assessment(
-                        Verdict.ABANDONED,
-                        f"{verdict.reason} stayed unchanged for {watch.window:g}s",
-                    )
-                # Free, ours already (renewed: it may be old), or abandoned.
+        outcome: Outcome | None = None
+        while True:
+            verdict = None
+            if claims and outcome is None and doc is not None and not is_settled(doc):
+                verdict, watch = self._judge(doc, watch)
+            step = decide(
+                doc,
+                now=time.time(),
+                schedule=self.settings.schedule,
+                worker=str(self.settings.shard),
+                claim=verdict,
+                outcome=outcome,
+            )
+            if isinstance(step, Forget):
+                self.stats.skipped += 1
+                log.debug("message %s: nothing to do: %s", doc_id, step.reason)
+                return
+            assert doc is not None
+            if isinstance(step, Wait):
+                self.stats.claim_waits += 1
+                log.debug("message %s: %s; waiting for it", doc_id, step.reason)
+                doc = await self._look_again(doc_id, within=CLAIM_POLL)
+            elif isinstance(step, Claim):
                 try:
                     # A takeover gets one try: if CouchDB cannot take this
                     # write, the holder may not have been able to renew or
                     # mark either, so the count starts again.
-                    claimed.doc = await self._claim(doc, retry=not lapsed)
+                    claimed = await self._claim(doc, retry=not step.takeover)
                 except DocumentConflict:
                     # Another worker claimed or settled it first, or a user
                     # edited it (the row may also have been an old one).
@@ -533,20 +626,46 @@ class Worker:
                     watch.restart()
                     doc = await self._look_again(doc_id, within=CLAIM_POLL)
                     continue
-                if verdict.verdict is Verdict.ABANDONED:
+                except DocumentRefused as e:
+                    # Never sent: we could not say we are sending it.
+                    self._refused(doc_id, "claim", e)
+                    return
+                if claimed is None:
+                    claims = False  # the server takes no claim on this doc
+                    continue
+                if step.takeover:
                     # Counted once the claim is ours: the row may have shown a
                     # claim that its holder has long since settled.
                     self.stats.takeovers += 1
-                    log.info("message %s: took the claim over: %s", doc_id, verdict.reason)
-            try:
-                fields = await self._deliver_claimed(claimed)
-            except _ClaimLost:
-                doc, watch = claimed.fresh, None
-                continue
-            await self._mark(claimed.doc, fields)
-            self._remember(doc_id)
-            return
-        self.stats.skipped += 1
+                    log.info("message %s: took the claim over: %s", doc_id, step.reason)
+                doc = claimed
+            elif isinstance(step, Send):
+                holder = _Claimed(doc)
+                try:
+                    outcome = await self._deliver_claimed(holder)
+                except _ClaimLost:
+                    doc, watch = holder.fresh, None
+                    continue
+                doc = holder.doc
+            else:
+                await self._record(doc, step)
+                return
+
+    def _judge(
+        self, doc: Mapping[str, Any], watch: Watch | None
+    ) -> tuple[Assessment, Watch | None]:
+        """The verdict on ``doc``'s claim; a held claim that stayed unchanged for a
+        whole ttl (timed here, on our own clock) counts as abandoned."""
+        assert self.claimant is not None
+        verdict = assess(doc, self.claimant)
+        if verdict.verdict is not Verdict.HELD:
+            return verdict, watch
+        claim = doc[CLAIM]
+        watch = watch or Watch.of(claim, self.claimant.ttl, poll=CLAIM_POLL)
+        if not watch.lapsed(claim, time.monotonic()):
+            return verdict, watch
+        reason = f"{verdict.reason} stayed unchanged for {watch.window:g}s"
+        return Assessment(Verdict.ABANDONED, reason), watch
 
     async def _look_again(self, doc_id: str, *, within: float) -> Mapping[str, Any] | None:
         """The doc as of the next poll; given up at once when the worker stops,
@@ -560,14 +679,18 @@ class Worker:
             if not read.done():
                 read.cancel()
         if not read.done() or read.cancelled():
-            raise _Abandoned
+            raise Abandoned
         return read.result()
 
-    async def _claim(self, doc: Mapping[str, Any], *, retry: bool = True) -> Mapping[str, Any]:
-        """Write our claim onto ``doc`` with its ``_rev``; return the claimed doc.
+    async def _claim(
+        self, doc: Mapping[str, Any], *, retry: bool = True
+    ) -> Mapping[str, Any] | None:
+        """Write our claim onto ``doc`` with its ``_rev``; return the claimed doc, or
+        None when the server refuses the claim's fields on this doc (400, 413).
 
-        Raises DocumentConflict when the doc changed since it was read, and
-        with ``retry=False`` CouchTransientError when CouchDB cannot take it.
+        Raises DocumentConflict when the doc changed since it was read,
+        DocumentRefused when a validation function refuses it, and with
+        ``retry=False`` CouchTransientError when CouchDB cannot take it.
         """
         try:
             if not retry:
@@ -576,11 +699,11 @@ class Worker:
         except CouchFatalError as e:
             if e.status not in (400, 413):
                 raise
-            # The server refuses our fields on this doc (too large, or a
-            # validation function): the mark will be refused too. Send it
-            # unclaimed, as without claims, rather than stall the shard.
+            # The server refuses our fields on this doc (too large): the mark
+            # may be refused too. Send it unclaimed, as without claims, rather
+            # than stall the shard.
             log.error("message %s cannot be claimed: %s; sending it unclaimed", doc["_id"], e)
-            return doc
+            return None
 
     async def _write_claim(self, doc: Mapping[str, Any]) -> Mapping[str, Any]:
         # Stamped at each try, so that a claim retried through an outage is
@@ -589,10 +712,10 @@ class Worker:
         claimed = {**doc, CLAIM: self.claimant.claim(time.time())}
         return {**claimed, "_rev": await self._writer.write(claimed)}
 
-    async def _deliver_claimed(self, claimed: _Claimed) -> dict[str, Any]:
-        """Deliver while a keeper renews our claim every third of its ttl."""
+    async def _deliver_claimed(self, claimed: _Claimed) -> Outcome:
+        """Attempt delivery while a keeper renews our claim every third of its ttl."""
         if self.claimant is None or not self.claimant.owns(claimed.doc):
-            return await self._deliver(claimed)
+            return await self.delivery.attempt(claimed.doc)
         every = self.claimant.ttl / 3
         keeper: asyncio.Task[None] | None = None
 
@@ -604,7 +727,11 @@ class Worker:
         # them less than a task.
         timer = asyncio.get_running_loop().call_later(every, start_keeper)
         try:
-            return await self._deliver(claimed)
+            return await self.delivery.attempt(claimed.doc, still_ours=lambda: not claimed.lost)
+        except Abandoned:
+            if claimed.lost:
+                raise _ClaimLost from None
+            raise
         finally:
             timer.cancel()
             if keeper is not None:
@@ -616,7 +743,9 @@ class Worker:
         losing it, set ``claimed.lost``."""
         while True:
             try:
-                claimed.doc = await self._claim(claimed.doc)
+                renewed = await self._claim(claimed.doc)
+                if renewed is not None:
+                    claimed.doc = renewed
                 await asyncio.sleep(every)
                 continue
             except DocumentConflict:
@@ -643,114 +772,35 @@ class Worker:
             claimed.fresh, claimed.lost = fresh, True
             return
 
-    async def _deliver(self, claimed: _Claimed) -> dict[str, Any]:
-        """Deliver with retries; return the fields that mark the outcome on the doc.
-
-        Raises _ClaimLost if another worker took the claim over before a retry.
-        """
-        s = self.settings
-        backoff: Backoff | None = None  # made on the first failure: most never fail
-        attempts = 0
-        while True:
-            if claimed.lost:
-                raise _ClaimLost
-            doc = claimed.doc
-            attempts += 1
-            started = time.monotonic()
-            try:
-                receipt = await self._handler.deliver(doc)
-            except PermanentDeliveryError as e:
-                return self._dead_letter(doc, str(e), attempts)
-            except ChannelUnavailableError as e:
-                # The server is down: that is no fault of this message, so it
-                # does not use up its attempts; it waits for the server.
-                attempts -= 1
-                if self._smtp_down_since is None:
-                    self._smtp_down_since = time.monotonic()
-                    log.warning("%s; retrying with backoff", e)
-            except TransientDeliveryError as e:
-                if attempts >= s.max_attempts:
-                    return self._dead_letter(
-                        doc, f"gave up after {attempts} attempts: {e}", attempts
-                    )
-                log.debug("message %s: attempt %d failed: %s; will retry", doc["_id"], attempts, e)
-            except DeliveryError:
-                raise  # fatal for the channel: the worker stops
-            except Exception as e:
-                # A document the handler cannot cope with must not stop the
-                # shard (it would fail again after every restart): it is
-                # dead-lettered, and the traceback logged for a bug report.
-                log.exception("message %s: unexpected error while delivering", doc.get("_id"))
-                return self._dead_letter(
-                    doc, f"unexpected error while delivering: {type(e).__name__}: {e}", attempts
-                )
-            else:
-                if self._smtp_down_since is not None:
-                    log.info(
-                        "SMTP server reachable again after %.1fs",
-                        time.monotonic() - self._smtp_down_since,
-                    )
-                    self._smtp_down_since = None
-                self.stats.sent += 1
-                if self.on_delivered is not None:
-                    self.on_delivered(time.monotonic() - started)
-                log.debug("message %s delivered to the SMTP server", doc["_id"])
-                return {
-                    NOTIFIED: True,
-                    RECORD: {**receipt, **self._stamp(attempts, "sentAt")},
-                }
-            self.stats.retried += 1
-            backoff = backoff or Backoff(base=s.retry_base, cap=s.retry_cap)
-            await self._pause(backoff.next_delay())
-
-    def _dead_letter(self, doc: Mapping[str, Any], reason: str, attempts: int) -> dict[str, Any]:
-        self.stats.dead_lettered += 1
-        log.warning("message %s dead-lettered: %s", doc.get("_id"), reason)
-        return {FAILED: {"reason": reason, **self._stamp(attempts, "failedAt")}}
-
-    def _stamp(self, attempts: int, when: str) -> dict[str, Any]:
-        return {
-            when: datetime.now(tz=UTC).isoformat(timespec="milliseconds"),
-            "worker": str(self.settings.shard),
-            "attempts": attempts,
-        }
-
-    async def _mark(self, doc: Mapping[str, Any], fields: Mapping[str, Any]) -> None:
-        """Write the outcome onto the doc (and drop the claim); on 409 re-read and
-        re-check, never resend."""
+    async def _record(self, doc: Mapping[str, Any], write: Write) -> None:
+        """Write an outcome onto the doc (and drop our claim); on 409 re-read and
+        write it on the fresh doc, keeping a user's edit; never resend."""
         database, doc_id = self.settings.database, doc["_id"]
         current: Mapping[str, Any] = doc
         bare = False
         while True:
             try:
-                await self._couch_call(self._writer.write, {**without_claim(current), **fields})
-                return
+                await self._couch_call(self._writer.write, write.apply(current))
+                break
             except DocumentConflict:
                 self.stats.conflicts += 1
-            except CouchFatalError as e:
-                if e.status not in (400, 413):
+            except (CouchFatalError, DocumentRefused) as e:
+                if isinstance(e, CouchFatalError) and e.status not in (400, 413):
                     raise  # auth, permissions, a missing database: stop the worker
                 if not bare:
                     # Try the bare outcome, without our record: smaller than
                     # the claim the server took, and what applications read.
                     # An unmarked message keeps its claim, and another
                     # layout would send it again once the claim lapses.
-                    bare, fields = True, bare_outcome(fields)
+                    bare, write = True, write.bare()
                     log.warning(
-                        "message %s: the server refused our mark (%s); writing the bare outcome",
+                        "message %s: the server refused our %s mark (%s); writing the bare one",
                         doc_id,
+                        write.kind,
                         short_reason(e),
                     )
                     continue
-                # The server will never accept this document with our mark
-                # (too large, or refused by a validation function). The email
-                # went out; stopping would resend it after every restart.
-                log.error(
-                    "message %s was delivered but cannot be marked: %s; it counts as done",
-                    doc_id,
-                    e,
-                )
-                self.stats.unmarkable += 1
+                self._refused(doc_id, write.kind, e)
                 return
             fresh = await self._couch_call(self._couch.get_doc, database, doc_id)
             if fresh is None:
@@ -759,8 +809,43 @@ class Worker:
             if is_settled(fresh):
                 log.info("message %s was marked by someone else meanwhile", doc_id)
                 return
-            # The user edited it while we were sending: keep their edit, add our mark.
+            # The user edited it while we were working: keep their edit, add our mark.
             current = fresh
+        self._count(doc_id, write)
+
+    def _count(self, doc_id: str, write: Write) -> None:
+        st = self.stats
+        if write.kind == "sent":
+            st.sent += 1
+            self._remember(doc_id)
+            log.debug("message %s delivered and marked", doc_id)
+        elif write.kind == "dead":
+            st.dead_lettered += 1
+            self._remember(doc_id)
+            log.warning("message %s dead-lettered: %s", doc_id, write.detail)
+        elif write.kind == "deferred":
+            st.deferred += 1
+            log.info("message %s deferred until %s: %s", doc_id, _due_at(write), write.detail)
+        else:
+            st.scheduled += 1
+            log.debug("message %s scheduled for %s", doc_id, _due_at(write))
+
+    def _refused(self, doc_id: str, what: str, error: CouchFatalError | DocumentRefused) -> None:
+        """CouchDB will not let us write ``what`` on this document, for good."""
+        self.stats.unwritable += 1
+        if what == "claim":
+            consequence = "it is not sent"
+        elif what == "sent":
+            consequence = "it was delivered and counts as done"
+        else:
+            consequence = f"its {what} outcome is not recorded; it counts as done"
+        log.error(
+            "message %s: CouchDB refused our %s (%s); %s. The shard goes on.",
+            doc_id,
+            what,
+            short_reason(error),
+            consequence,
+        )
 
     def _remember(self, doc_id: str) -> None:
         self._recent[doc_id] = None
@@ -794,14 +879,6 @@ class Worker:
                 )
                 self._couch_down_since = None
             return result
-
-    async def _pause(self, delay: float) -> None:
-        """Sleep before a retry, unless the worker is stopping: then give the message up."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        except TimeoutError:
-            return
-        raise _Abandoned
 
     # -- checkpoints -------------------------------------------------------------
 
@@ -841,21 +918,5 @@ class Worker:
         self.checkpoint_ok_at = time.monotonic()
 
 
-def bare_outcome(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The least of a mark: the flag, or the dead letter's reason.
-
-    >>> bare_outcome({NOTIFIED: True, RECORD: {"messageId": "<m1@x>"}})
-    {'notifiedRecipient': True}
-    >>> bare_outcome({FAILED: {"reason": "no 'to' field", "worker": "0/1"}})
-    {'notificationFailed': {'reason': "no 'to' field"}}
-    >>> len(bare_outcome({FAILED: {"reason": "x" * 5000}})[FAILED]["reason"])
-    500
-    """
-    if NOTIFIED in fields:
-        return {NOTIFIED: True}
-    return {FAILED: {"reason": str(fields[FAILED].get("reason", ""))[:500]}}
-
-
-def is_settled(doc: Mapping[str, Any]) -> bool:
-    """Whether a document is already notified or dead-lettered (the selector's complement)."""
-    return NOTIFIED in doc or FAILED in doc
+def _due_at(write: Write) -> str:
+    return str(write.set[RETRY].get("dueAt"))

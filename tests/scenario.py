@@ -92,6 +92,16 @@ def config_data(
         "smtp": {"host": sink.host, "port": sink.port, "timeout": 10.0},
         "email": {"sender": "notify@example.com"},
         "worker": {"max_parallel": 10, "checkpoint_interval": 0.3, "drain_timeout": 10.0},
+        # A mail queue's minutes and hours, scaled down to test time.
+        "delivery": {
+            "retry_first": 0.5,
+            "retry_max": 2.0,
+            "max_age": 60.0,
+            "scan_interval": 0.3,
+            "throttle_hold": 2.0,
+            "probe_first": 0.3,
+            "probe_max": 1.0,
+        },
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

@@ -159,7 +159,9 @@ def test_metrics_and_health_over_http(
     # One line per lifecycle event, with counts; no per-message lines at INFO.
     assert any("changes feed connected; running" in line for line in lines)
     assert any(": checkpoint " in line and "sent" in line for line in lines if " INFO " in line)
-    assert any("stopped: sent 3, dead-lettered 1" in line for line in lines)
+    assert any(
+        "stopped: sent 3, deferred 0, scheduled 0, dead-lettered 1" in line for line in lines
+    )
     assert not any("m1" in line for line in lines if " INFO " in line)
 
 

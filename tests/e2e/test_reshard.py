@@ -270,6 +270,7 @@ def unsettled(docs: list[dict[str, Any]]) -> list[str]:
 
 def check_docs(docs: list[dict[str, Any]], total: int) -> None:
     """Every message is marked notified, none dead-lettered, and no claim is left."""
+    docs = [d for d in docs if not d["_id"].startswith("_design/")]  # the retry index
     assert len(docs) == total
     not_marked = [d["_id"] for d in docs if d.get(NOTIFIED) is not True]
     assert not_marked == [], f"{len(not_marked)} messages not marked, e.g. {not_marked[:5]}"

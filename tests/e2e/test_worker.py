@@ -15,12 +15,12 @@ from scenario import MakeConfig, message, seed
 from notifier.checkpoint import CheckpointStore
 from notifier.claim import CLAIM
 from notifier.couch import CouchClient
-from notifier.errors import CouchFatalError, DeliveryFatalError
+from notifier.errors import CouchFatalError, DeliveryFatalError, HandlerCrashing
 from notifier.handler import Receipt
 from notifier.shard import Shard
 from notifier.testing.smtp import ReceivedEnvelopeInfo, SmtpSink
 from notifier.testing.worker import run_until, wait_for, worker_running
-from notifier.worker import FAILED, NOTIFIED, RECORD, Worker, WorkerSettings
+from notifier.worker import FAILED, NOTIFIED, RECORD, RETRY, Worker, WorkerSettings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -129,7 +129,7 @@ async def test_design_docs_and_deleted_docs_are_skipped_but_advance_the_checkpoi
         await smtp_sink.await_count(1, timeout=20)
         await wait_for(lambda: worker.tracker.arrived >= 3 and len(worker.tracker) == 0)
     assert smtp_sink.count_by_recipient() == {"user2@example.com": 1}
-    assert worker.stats.skipped == 2
+    assert worker.stats.skipped == 3  # the design docs (ours: the retry index) and the tombstone
     info = couch.client.get(f"/{couch.name}").json()
     ckpt = checkpoint_doc(couch, config.couch.checkpoint_database, f"{couch.name}.worker-0-of-1")
     assert ckpt is not None
@@ -293,8 +293,9 @@ async def test_user_edit_while_in_flight_sends_once_and_keeps_the_edit(
         await task
     doc = couch.get("msg-00000")
     assert handler.delivered == ["msg-00000"]
-    # Three rows: the message, the echo of the worker's claim, and the edit.
-    assert worker.tracker.arrived == 3, "the edit came through the feed as a row of its own"
+    # Four rows: the retry index's design doc, the message, the echo of the
+    # worker's claim, and the edit.
+    assert worker.tracker.arrived == 4, "the edit came through the feed as a row of its own"
     assert doc["subject"] == "edited by the user"
     assert doc[NOTIFIED] is True
     assert worker.stats.conflicts == 1
@@ -319,7 +320,7 @@ async def test_doc_deleted_while_in_flight_is_not_resurrected(couch: CouchTestDB
     assert sorted(handler.delivered) == ["msg-00000", "msg-00001"]
 
 
-async def test_smtp_5xx_dead_letters_and_4xx_is_retried(
+async def test_smtp_5xx_dead_letters_and_4xx_is_deferred_until_max_age(
     couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
 ) -> None:
     seed(couch, 3)
@@ -337,17 +338,19 @@ async def test_smtp_5xx_dead_letters_and_4xx_is_retried(
         return None
 
     smtp_sink.reject = reject
-    config = make_config(smtp={"max_attempts": 3})
-    from notifier.runner import settings_from_config
-
-    assert settings_from_config(config, Shard(worker_id=0, worker_count=1)).max_attempts == 3
+    config = make_config(delivery={"retry_first": 0.2, "retry_max": 0.4, "max_age": 2.0})
     async with worker_running(config):
         await wait_for(lambda: len(settled(couch)) == 3, timeout=60)
     docs = {d["_id"]: d for d in couch.all_docs()}
     assert docs["msg-00000"][FAILED]["reason"].startswith("SMTP server refused the message: 550")
     assert docs["msg-00001"][NOTIFIED] is True
     assert docs["msg-00001"][RECORD]["attempts"] == 3
-    assert docs["msg-00002"][FAILED]["reason"].startswith("gave up after 3 attempts")
+    assert RETRY not in docs["msg-00001"], "the mark removes the retry state"
+    # Tried until max_age (2 s here; 5 days by default), then given up with the reply.
+    reason = docs["msg-00002"][FAILED]["reason"]
+    assert reason.startswith("gave up after "), reason
+    assert "last reply: SMTP server refused the message: 452 4.2.2 mailbox full" in reason
+    assert refusals["user2@example.com"] >= 3
     assert smtp_sink.count_by_recipient() == {"user1@example.com": 1}
 
 
@@ -413,7 +416,7 @@ async def test_an_unreadable_checkpoint_stops_the_worker_instead_of_starting_fro
     assert smtp_sink.messages == []
 
 
-async def test_an_unexpected_handler_error_dead_letters_that_doc_and_goes_on(
+async def test_an_unexpected_handler_error_defers_that_doc_and_goes_on(
     couch: CouchTestDB,
 ) -> None:
     seed(couch, 3)
@@ -426,12 +429,36 @@ async def test_an_unexpected_handler_error_dead_letters_that_doc_and_goes_on(
     handler.during["msg-00001"] = bug
     client, worker, task = await start_worker(couch, handler, box, max_parallel=2)
     async with client:
-        await wait_for(lambda: len(settled(couch)) == 3, timeout=20)
+        await wait_for(lambda: len(settled(couch)) == 2, timeout=20)
+        await wait_for(lambda: RETRY in couch.get("msg-00001"), timeout=20)
         worker.stop()
         await task  # the worker did not stop on its own
-    failed = couch.get("msg-00001")[FAILED]["reason"]
-    assert failed == "unexpected error while delivering: KeyError: 'surprise'"
+    # A bug is not the message's fault: deferred like a temporary failure,
+    # never dead-lettered for it.
+    doc = couch.get("msg-00001")
+    assert FAILED not in doc
+    assert doc[RETRY]["lastReply"] == "unexpected error: KeyError: 'surprise'"
     assert sorted(handler.delivered) == ["msg-00000", "msg-00002"]
+
+
+async def test_unexpected_errors_in_a_row_stop_the_worker_and_dead_letter_nothing(
+    couch: CouchTestDB,
+) -> None:
+    seed(couch, 12)
+    box: list[Worker] = []
+    handler = RecordingHandler(box)
+
+    async def broken_template() -> None:
+        raise TypeError("unsupported operand type(s)")
+
+    for n in range(12):
+        handler.during[f"msg-{n:05d}"] = broken_template
+    client, _, task = await start_worker(couch, handler, box, max_parallel=1)
+    async with client:
+        with pytest.raises(HandlerCrashing, match="10 messages in a row"):
+            await asyncio.wait_for(task, timeout=30)
+    assert handler.delivered == []
+    assert all(FAILED not in d and NOTIFIED not in d for d in couch.all_docs())
 
 
 class RefusingMarks(httpx.AsyncBaseTransport):
@@ -497,7 +524,7 @@ async def test_a_sent_message_the_server_will_not_let_us_mark_counts_as_done(
     # Stopping (and resending after every restart) would be worse than an
     # unmarked doc: it was delivered once, logged, and the checkpoint moved on.
     assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
-    assert worker.stats.unmarkable == 1
+    assert worker.stats.unwritable == 1
     assert transport.refused == 3, "the claim, the mark, the bare outcome"
     assert NOTIFIED not in couch.get("msg-00000")
 
@@ -513,7 +540,7 @@ async def test_a_mark_refused_as_too_large_falls_back_to_the_bare_flag(
         await wait_for(lambda: len(settled(couch)) == 2 and len(worker.tracker) == 0)
     assert smtp_sink.count_by_recipient() == {"user0@example.com": 1, "user1@example.com": 1}
     assert transport.refused == 1
-    assert worker.stats.unmarkable == 0
+    assert worker.stats.unwritable == 0
     doc = couch.get("msg-00000")
     assert doc[NOTIFIED] is True
     assert RECORD not in doc and CLAIM not in doc

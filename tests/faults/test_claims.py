@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from support import DB, all_settled, assert_all_delivered_once, running, seed
+from support import DB, all_settled, assert_all_delivered_once, messages, running, seed
 
 from notifier.claim import CLAIM, ClaimPoller
 from notifier.couch import CouchClient, seq_param
@@ -109,7 +109,7 @@ async def test_a_live_claim_of_another_worker_is_waited_for_never_sent(
         await wait_for(lambda: len(worker.tracker) == 0)
     assert smtp_sink.messages == []
     assert worker.stats.sent == 0
-    assert worker.stats.skipped == 1
+    assert worker.stats.skipped == 2  # the message, and the retry index's design doc
 
 
 @pytest.mark.parametrize("expires", ["already", "in 10 minutes"])
@@ -174,7 +174,7 @@ async def test_a_claim_whose_holder_is_known_to_be_gone_is_taken_over_at_once(
     assert len(smtp_sink.messages) == 1
 
 
-async def test_the_claim_is_renewed_while_retrying_and_a_lost_claim_is_not_sent(
+async def test_the_claim_is_renewed_while_throttled_and_a_lost_claim_is_not_sent(
     fake: FakeCouch, smtp_sink: SmtpSink
 ) -> None:
     seed(fake, 1)
@@ -199,12 +199,12 @@ async def test_the_claim_is_renewed_while_retrying_and_a_lost_claim_is_not_sent(
         if len(seen) == 4:
             take_over()
             taken.set()
-        return "451 try again later"
+        # Throttled: the message keeps trying here, at the slowed pace,
+        # without being deferred (throttle_hold), and its claim is renewed.
+        return "454 Throttling failure: Maximum sending rate exceeded"
 
     smtp_sink.reject = flaky
-    async with running(
-        fake, smtp_sink, claim_ttl=1.0, retry_base=0.4, retry_cap=0.4, max_attempts=50
-    ) as (worker, _):
+    async with running(fake, smtp_sink, claim_ttl=1.0, throttle_hold=600.0) as (worker, _):
         await wait_for(taken.is_set, timeout=20)
         await wait_for(lambda: worker.stats.claim_waits >= 1, timeout=20)
         attempts = len(seen)
@@ -246,8 +246,8 @@ async def test_with_claims_off_nothing_is_written_before_sending(
         await wait_for(all_settled(fake, 5))
     assert_all_delivered_once(fake, smtp_sink, recipients)
     # One write per message: the mark (rev 2).
-    assert {d["_rev"].split("-")[0] for d in fake.docs(DB)} == {"2"}
-    assert all(RECORD in d for d in fake.docs(DB))
+    assert {d["_rev"].split("-")[0] for d in messages(fake)} == {"2"}
+    assert all(RECORD in d for d in messages(fake))
     assert worker.claimant is None
 
 
@@ -285,16 +285,18 @@ async def test_the_claim_outlives_a_wait_for_an_unreachable_smtp_server(
     # An unreachable server uses up no attempts, however long it stays away;
     # the claim is renewed all the same, so no other worker takes it over.
     with SmtpSink(port=free_port()) as sink:
-        async with running(
-            fake, sink, claim_ttl=1.0, retry_base=0.1, retry_cap=0.1, max_attempts=2
-        ) as (worker, _):
+        async with running(fake, sink, claim_ttl=1.0, probe_first=0.1, probe_max=0.1) as (
+            worker,
+            _,
+        ):
             await asyncio.to_thread(sink.stop)
             recipients = seed(fake, 1)
-            await wait_for(lambda: worker.stats.retried >= 25, timeout=20)  # 2.5 s: 2.5 ttls
+            # A probe every 0.1 s: 2.5 s, 2.5 ttls.
+            await wait_for(lambda: worker.delivery.breaker.probes >= 25, timeout=20)
             await asyncio.to_thread(sink.start)
             await wait_for(all_settled(fake, 1), timeout=20)
     assert_all_delivered_once(fake, sink, recipients)
-    (doc,) = fake.docs(DB)
+    (doc,) = messages(fake)
     claim_writes = int(doc["_rev"].split("-")[0]) - 2  # less the creation and the mark
     assert claim_writes >= 3, "claimed, then renewed at least twice"
 

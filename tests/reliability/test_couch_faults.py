@@ -23,6 +23,7 @@ import time
 
 import pytest
 from harness import (
+    DB,
     CheckpointWatch,
     NotifierCli,
     NotifierProcess,
@@ -36,6 +37,8 @@ from harness import (
 )
 from scenario import ScenarioRecord
 
+from notifier.retries import INDEX
+from notifier.testing import fake_find
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 
@@ -46,6 +49,14 @@ CHECKPOINT_BACK = "checkpoint written again"
 # How long a whole batch may take to go out; far above what it needs (a few
 # seconds), so only a worker that is stuck fails it.
 SETTLE_TIMEOUT = 40.0
+
+
+def create_retry_index(fake: FakeCouch) -> None:
+    """The index the worker creates at its first start (notifier.retries), made now."""
+    _, _, index = fake_find.parse_index_request(dict(INDEX), new_id=lambda: "unused")
+    design = fake_find.index_design_doc(None, index)
+    assert design is not None
+    fake.put(DB, design)
 
 
 def check_outcome(
@@ -125,6 +136,9 @@ def test_an_outage_while_idle_resumes_from_the_last_row(
     checkpoint_watch: CheckpointWatch,
     scenario_record: ScenarioRecord,
 ) -> None:
+    # The retry index exists beforehand, as after a first start, so that the
+    # last row before the outage is a message's.
+    create_retry_index(fake_couch)
     before = seed_messages(fake_couch, 40, markers=True)
     checkpoint_watch.track(before)
     # Claims off: with them, the last row before the outage is the echo of

@@ -34,9 +34,11 @@ def test_example_config_loads_and_matches_the_defaults() -> None:
 def test_example_config_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     documented = set(re.findall(r"^#? ?([a-z_]+) = ", text, flags=re.MULTILINE))
-    for section in config.SECTIONS.values():
+    for name, section in config.SECTIONS.items():
         for field in section.__dataclass_fields__:
-            if field != "password":
+            if (name, field) in config.TABLE_KEYS:
+                assert f"[{name}.{field}." in text, f"[{name}.{field}.…] missing from example"
+            elif field != "password" and (name, field) not in config.DEPRECATED_KEYS:
                 assert field in documented, f"{section.__name__}.{field} missing from example"
 
 
@@ -147,7 +149,7 @@ def test_integers_are_accepted_where_seconds_are_expected() -> None:
 
 def test_example_is_valid_toml_with_only_known_sections() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
-    assert set(data) == {"couch", "smtp", "email", "worker", "metrics"}
+    assert set(data) == {"couch", "smtp", "delivery", "email", "worker", "metrics"}
 
 
 def test_a_sender_name_with_a_line_break_is_refused() -> None:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from notifier.couch import CouchClient
-from notifier.errors import CouchAccessDenied, CouchTransientError, DocumentConflict
+from notifier.errors import CouchTransientError, DocumentConflict, DocumentRefused
 from notifier.marker import BulkWriter, row_error
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 
@@ -84,9 +84,12 @@ async def test_when_everyone_in_flight_is_waiting_the_batch_does_not_wait(
     assert bulk_requests(fake) == 1
 
 
-def test_forbidden_rows_are_access_errors() -> None:
+def test_forbidden_rows_are_refusals_of_that_document_not_access_errors() -> None:
+    # A daemon without access has its whole request refused; a forbidden row
+    # is a validation function's answer about one document.
     error = row_error({"id": "m1", "error": "forbidden", "reason": "validation"}, DB)
-    assert isinstance(error, CouchAccessDenied)
+    assert isinstance(error, DocumentRefused)
+    assert not isinstance(error, PermissionError)
     assert error.status == 403
 
 

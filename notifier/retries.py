@@ -1,0 +1,181 @@
+"""Finding deferred messages again when they are due, from what CouchDB holds.
+
+A deferred or scheduled message carries ``notificationRetry.due`` (epoch
+milliseconds) and is left out of the changes feed by the selector. Every
+worker asks CouchDB for due messages with ``_find``::
+
+    {"selector": {"notificationRetry.due": {"$lte": <now>},
+                  "notifiedRecipient": {"$exists": false},
+                  "notificationFailed": {"$exists": false}},
+     "limit": 100}
+
+``_find`` is the one query that Apache CouchDB 2+ and PouchDB Server both
+answer the same way. It is fast with the Mango index this module creates at
+start (design document ``_design/notifier-retry``, a JSON index on
+``notificationRetry.due``: only deferred documents have the field, so the
+index stays as small as the deferred backlog). Creating a design document
+needs a database admin; a daemon that is not one logs a warning once and
+still works, with each look scanning the database.
+
+Nothing here depends on state in the process: after a restart, a crash or a
+reshard, the next look finds every due message. Each worker keeps only its
+own shard's; a message two layouts both find is settled once, through its
+claim.
+
+Pages are read with CouchDB's ``bookmark`` where the server gives one, and
+with ``skip`` where it does not (PouchDB Server) (:func:`find_pages`). A
+message that moves between pages while they are read is found at the next
+look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+from notifier.couch import CouchClient, Doc
+from notifier.errors import CouchAccessDenied, CouchFatalError
+from notifier.lifecycle import FAILED, NOTIFIED, RETRY
+from notifier.shard import Shard
+
+log = logging.getLogger(__name__)
+
+#: The Mango index on the due time.
+INDEX: Mapping[str, Any] = {
+    "index": {"fields": [f"{RETRY}.due"]},
+    "ddoc": "notifier-retry",
+    "name": "retry-due",
+    "type": "json",
+}
+
+
+def due_selector(now_ms: int) -> dict[str, Any]:
+    """The ``_find`` selector for messages due at ``now_ms``.
+
+    >>> due_selector(1000)["notificationRetry.due"]
+    {'$lte': 1000}
+    """
+    return {
+        f"{RETRY}.due": {"$lte": now_ms},
+        NOTIFIED: {"$exists": False},
+        FAILED: {"$exists": False},
+    }
+
+
+class DueMessages:
+    """Reads this worker's due deferred messages from one database."""
+
+    def __init__(
+        self, couch: CouchClient, *, database: str, shard: Shard, page_size: int = 100
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        self._couch = couch
+        self._database = database
+        self._shard = shard
+        self.page_size = page_size
+        self.indexed: bool | None = None
+        self.looks = 0
+        self.found = 0
+
+    def __repr__(self) -> str:
+        return f"<DueMessages {self._database} looks={self.looks} found={self.found}>"
+
+    @property
+    def _path(self) -> str:
+        return f"/{quote(self._database, safe='')}"
+
+    async def prepare(self) -> None:
+        """Create the index if allowed, and prove ``_find`` works on this server.
+
+        A server without ``_find`` (400, 404, 501) stops the worker with a clear
+        error: deferred messages could never be found again.
+        """
+        try:
+            result = await self._couch.request("POST", f"{self._path}/_index", json_body=INDEX)
+            self.indexed = True
+            if isinstance(result, Mapping) and result.get("result") == "created":
+                log.info("created the Mango index %s on %s", INDEX["name"], self._database)
+        except CouchAccessDenied as e:
+            self.indexed = False
+            log.warning(
+                "cannot create the index that finds deferred messages (%s): a database admin "
+                "can create it once with POST /%s/_index and the body %s; until then each "
+                "look for due messages scans the whole database",
+                e.status,
+                self._database,
+                json.dumps(INDEX, separators=(",", ":")),
+            )
+        except CouchFatalError as e:
+            raise _no_find(self._database, e) from None
+        try:
+            # One small query proves _find works here, index or not.
+            body = {"selector": due_selector(0), "limit": 1}
+            await self._couch.request("POST", f"{self._path}/_find", json_body=body)
+        except CouchAccessDenied:
+            raise
+        except CouchFatalError as e:
+            raise _no_find(self._database, e) from None
+
+    async def due(self, now: float) -> AsyncIterator[list[Doc]]:
+        """Pages of this shard's messages due at ``now`` (epoch seconds)."""
+        self.looks += 1
+        selector = due_selector(int(now * 1000))
+        async for docs in find_pages(
+            self._couch, self._database, selector, page_size=self.page_size
+        ):
+            mine = [d for d in docs if self._shard.owns(str(d.get("_id")))]
+            self.found += len(mine)
+            if mine:
+                yield mine
+
+
+async def find_pages(
+    couch: CouchClient,
+    database: str,
+    selector: Mapping[str, Any],
+    *,
+    page_size: int = 100,
+    fields: list[str] | None = None,
+) -> AsyncIterator[list[Doc]]:
+    """The documents ``selector`` matches, a ``_find`` page at a time.
+
+    Pages follow CouchDB's ``bookmark`` where the server gives one and
+    ``skip`` where it does not (PouchDB Server). A document that stops or
+    starts matching while the pages are read may be missed or seen twice.
+    """
+    path = f"/{quote(database, safe='')}/_find"
+    bookmark: str | None = None
+    skip = 0
+    while True:
+        body: dict[str, Any] = {"selector": selector, "limit": page_size}
+        if fields is not None:
+            body["fields"] = fields
+        if bookmark:
+            body["bookmark"] = bookmark
+        elif skip:
+            body["skip"] = skip
+        result = await couch.request("POST", path, json_body=body)
+        docs = [d for d in result.get("docs", []) if isinstance(d, dict)]
+        if docs:
+            yield docs
+        if len(docs) < page_size:
+            return
+        mark = result.get("bookmark")
+        if isinstance(mark, str) and mark not in ("", "nil"):
+            bookmark = mark
+        else:
+            skip += len(docs)
+
+
+def _no_find(database: str, error: CouchFatalError) -> CouchFatalError:
+    return CouchFatalError(
+        f"the server cannot find deferred messages in {database} with _find ({error}); "
+        "notifier needs CouchDB 2 or later, or PouchDB Server",
+        status=error.status,
+        error=error.error,
+        reason=error.reason,
+    )
