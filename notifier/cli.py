@@ -32,6 +32,7 @@ from notifier.errors import (
     PermanentDeliveryError,
 )
 from notifier.prune import prune_checkpoints
+from notifier.requeue import requeue, selection_from
 from notifier.runner import EXIT_FORCED, build_composer, run_worker
 from notifier.shard import Shard
 from notifier.status import gather_status
@@ -55,7 +56,7 @@ EXIT_STATUSES: tuple[tuple[int, str], ...] = (
     (EXIT_STALE, "status: a worker is stale; demo: it failed"),
     (EXIT_USAGE, "bad command line"),
     (EXIT_DATA, "render: undeliverable document"),
-    (EXIT_COUCH, "CouchDB error"),
+    (EXIT_COUCH, "CouchDB error (requeue: a document could not be written)"),
     (EXIT_CRASH, "crash"),
     (EXIT_LEASE, "lease lost"),
     (EXIT_SMTP, "SMTP error"),
@@ -187,6 +188,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    again = commands.add_parser(
+        "requeue",
+        help="send dead letters again",
+        description=(
+            "Requeue dead letters (documents with notificationFailed): remove the failure "
+            "and any retry state, keep the failure in notificationHistory, and let the "
+            "running workers send them again, with the same Message-ID. Select them by "
+            "document id, by --reason (a regular expression searched in the failure's "
+            "reason) and by when they failed (--older-than, --newer-than: 90s, 30m, 12h, "
+            "7d); every given criterion must hold, and with none, every dead letter is "
+            "requeued. Safe while workers run: each document is written with the revision "
+            "that was read. Exits 69 if a document could not be written."
+        ),
+    )
+    config_option(again)
+    again.add_argument("ids", nargs="*", metavar="DOC_ID", help="only these documents")
+    again.add_argument("--reason", metavar="REGEX", help="only failures whose reason matches")
+    again.add_argument("--older-than", metavar="AGE", help="only failures at least this old")
+    again.add_argument("--newer-than", metavar="AGE", help="only failures at most this old")
+    again.add_argument(
+        "--dry-run", action="store_true", help="show what would be requeued; write nothing"
+    )
+    again.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     render = commands.add_parser(
         "render",
         help="print the email a document would produce, without sending it",
@@ -210,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(args)  # brings its own servers and configuration
     try:
         config = config_module.load(args.config)
+        for warning in config.warnings:
+            log.warning("%s", warning)
         if args.command == "run":
             shard = _shard(args, config)
             run_async(run_worker(config, shard))
@@ -230,6 +257,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(pruned.to_json(), indent=2))
             else:
                 print(pruned.render(), end="")
+        elif args.command == "requeue":
+            try:
+                selection = selection_from(
+                    ids=args.ids,
+                    reason=args.reason,
+                    older_than=args.older_than,
+                    newer_than=args.newer_than,
+                )
+            except ValueError as e:
+                log.error("%s", e)
+                return EXIT_USAGE
+            requeued = run_async(requeue(config, selection, dry_run=args.dry_run))
+            if args.json:
+                print(json.dumps(requeued.to_json(), indent=2))
+            else:
+                print(requeued.render(), end="")
+            if not requeued.ok:
+                return EXIT_COUCH
         elif args.command == "render":
             return render_document(config, args.doc)
     except ConfigError as e:
