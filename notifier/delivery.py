@@ -10,7 +10,8 @@ handler, and turns what happened into a :mod:`notifier.lifecycle` outcome:
 * refused for good: :class:`~notifier.lifecycle.Refused` (a dead letter);
 * refused for now: :class:`~notifier.lifecycle.Failed` (deferred), unless
   the relay is paused, in which case the message waits here and uses up no
-  attempt;
+  attempt (a greylisting refusal never pauses the relay: it is about one
+  recipient);
 * throttled: the pace slows down and the message tries again here, without
   using up an attempt, for up to ``throttle_hold`` seconds; then it is
   deferred, still without using up an attempt;
@@ -45,6 +46,7 @@ from notifier.errors import (
 from notifier.handler import Handler
 from notifier.lifecycle import Failed, Outcome, Refused, Sent
 from notifier.pacing import Pacer, recipient_domain
+from notifier.replies import is_greylisting
 from notifier.schedule import span
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,8 @@ class Delivery:
                 continue
             except TransientDeliveryError as e:
                 self._streak.succeeded()
+                if is_greylisting(str(e)) and not probe:
+                    return Failed(str(e))  # about this recipient alone, by design
                 self._failed(recipient, e, probe=probe)
                 if self.breaker.is_open:
                     continue  # paused: this one waits, and uses up no attempt

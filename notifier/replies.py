@@ -17,6 +17,10 @@ class           replies                                        what follows
 A reply that fits no class (a 2xx or 3xx where a refusal was expected, or a
 code out of range) is taken as transient: nothing is dead-lettered on a
 misunderstanding.
+
+A temporary refusal that says it is greylisting (:func:`is_greylisting`)
+is about that one recipient, by design: it never counts towards a relay
+outage, however many new recipients a backlog holds.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ _RATE_WORDS = re.compile(
     r"rate|throttl|too many|quota|try again later.*(messages|connections)|slow down",
     re.IGNORECASE,
 )
+
+
+_GREYLIST_WORDS = re.compile(r"grey.?list|gray.?list", re.IGNORECASE)
 
 
 class ReplyClass(enum.Enum):
@@ -76,6 +83,17 @@ def classify(code: int, text: str = "") -> ReplyClass:
     if _RATE_WORDS.search(text):
         return ReplyClass.THROTTLED
     return ReplyClass.TRANSIENT
+
+
+def is_greylisting(text: str) -> bool:
+    """Whether a refusal says it is greylisting (postgrey, Postfix policy servers, rspamd).
+
+    >>> is_greylisting("450 4.2.0 Recipient address rejected: Greylisted, see ...")
+    True
+    >>> is_greylisting("451 4.3.5 Server configuration problem")
+    False
+    """
+    return _GREYLIST_WORDS.search(text) is not None
 
 
 def describe(code: int, text: str) -> str:
