@@ -1,5 +1,5 @@
-"""The CouchDB contract: one suite, run against FakeCouch (in process and on a socket)
-and against a real PouchDB Server.
+"""The CouchDB contract: one suite, run against FakeCouch (in process and on a socket),
+against a real PouchDB Server, and against the CouchDB that COUCHDB_URL names.
 
 A test passes on all backends, or says where PouchDB Server differs from Apache
 CouchDB 3 and expects each backend to do what it does (the fake follows
@@ -10,7 +10,9 @@ Backends: ``fake`` is FakeCouch in process, through ``FakeCouchTransport``;
 ``fake-socket`` is FakeCouch served on loopback by ``FakeCouchServer`` from a
 background thread (the way a subprocess reaches it); ``pouchdb`` is the real
 PouchDB Server 4.2 from tests/servers, through the ``couch`` fixture of
-tests/conftest.py, which fails the test if the server died during it.
+tests/conftest.py, which fails the test if the server died during it;
+``couchdb`` (only with COUCHDB_URL set) is that server, in a database of the
+test's own that is deleted afterwards with every other one the test named.
 
 Requests go out the way notifier sends them: ``Accept: application/json``
 always, ``Accept-Encoding: identity`` on feeds, and a selector both in the
@@ -36,14 +38,18 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from realservers import doc_path, unique_db_name
+from realservers import doc_path, is_pouchdb_server, scratch_database, unique_db_name
 
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
+from notifier.testing.remote import server_from_environment
 from notifier.testing.server import FakeCouchServer
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["fake", "fake-socket", "pouchdb"]
+# The CouchDB that COUCHDB_URL names joins the backends when it is set.
+BACKENDS = ["fake", "fake-socket", "pouchdb"] + (
+    ["couchdb"] if server_from_environment() is not None else []
+)
 JSON_ACCEPT = {"Accept": "application/json"}
 FEED_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 # How long a test waits for one line of a feed before it fails (not a timing
@@ -53,13 +59,20 @@ LINE_WAIT = 5.0
 
 @dataclass
 class Target:
-    """Where a test's requests go: a server root, a fresh database, and the fake if any."""
+    """Where a test's requests go: a server root, a fresh database, and the fake if any.
+
+    ``pouchdb`` says whether the server is PouchDB Server, which a test needs
+    to know where it differs from CouchDB 3: the ``couchdb`` backend is
+    whatever COUCHDB_URL names, and the test command points it at a second
+    PouchDB Server.
+    """
 
     kind: str
     url: str
     db: str
     fake: FakeCouch | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    pouchdb: bool = False
 
 
 @pytest.fixture(params=BACKENDS)
@@ -68,7 +81,12 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if kind == "pouchdb":
         # Only this parameter starts PouchDB Server, so `-k fake` needs no Node.js.
         couch = request.getfixturevalue("couch")
-        yield Target(kind, couch.url, couch.name)
+        yield Target(kind, couch.url, couch.name, pouchdb=True)
+        return
+    if kind == "couchdb":
+        url = request.getfixturevalue("couchdb_url").url
+        with scratch_database(url, request.node.name) as db:
+            yield Target(kind, url, db.name, pouchdb=is_pouchdb_server(url))
         return
     fake = FakeCouch(seed=1)
     name = unique_db_name(request.node.name)
@@ -122,10 +140,7 @@ class Backend:
     client: httpx.AsyncClient
     db: str
     fake: FakeCouch | None
-
-    @property
-    def is_pouchdb(self) -> bool:
-        return self.kind == "pouchdb"
+    is_pouchdb: bool
 
     @property
     def db_path(self) -> str:
@@ -200,7 +215,7 @@ async def backend(target: Target, anyio_backend: str) -> AsyncIterator[Backend]:
         timeout=10.0,
         trust_env=False,
     ) as client:
-        yield Backend(target.kind, client, target.db, target.fake)
+        yield Backend(target.kind, client, target.db, target.fake, target.pouchdb)
 
 
 REV = re.compile(r"^(\d+)-[0-9a-f]{32}$")

@@ -39,6 +39,9 @@ from scenario import ScenarioRecord
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 
+# Its CouchDB faults are the fake's: COUCHDB_URL adds no run on a real server.
+pytestmark = pytest.mark.fake_couch_only
+
 INTERRUPTED = "changes feed interrupted"
 BACK = "changes feed is back after"
 CHECKPOINT_NOT_WRITTEN = "checkpoint not written"
