@@ -408,7 +408,8 @@ def _password_file(password: str) -> Path:
 @contextmanager
 def scratch_database(url: str, hint: str) -> Iterator[CouchTestDB]:
     """A fresh database on the server at ``url``, deleted afterwards with every
-    database named by :func:`unique_db_name` meanwhile (the test's own).
+    database named by :func:`unique_db_name` meanwhile or named after it
+    (``ckpt_<name>``): the test's own.
 
     On a server with credentials the database is admin-only, as CouchDB 3
     makes it by default, so a request that forgets them gets 401.
@@ -421,8 +422,15 @@ def scratch_database(url: str, hint: str) -> Iterator[CouchTestDB]:
         yield db
     finally:
         db.close()
-        for issued in issued_db_names[issued_before:]:
-            delete_database(url, issued)
+        # Names the test derived from its database's (a random suffix makes
+        # them its own), and the ones it asked unique_db_name for.
+        doomed = set(issued_db_names[issued_before:])
+        with _client(url, 10.0) as client:
+            listing = client.get("/_all_dbs")
+        if listing.status_code == 200:
+            doomed.update(n for n in listing.json() if name in n)
+        for doomed_name in sorted(doomed):
+            delete_database(url, doomed_name)
 
 
 def is_pouchdb_server(url: str, *, timeout: float = 10.0) -> bool:

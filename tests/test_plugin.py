@@ -123,7 +123,7 @@ def test_a_fault_switch_on_a_real_server_says_how_to_keep_the_test_on_the_fake(
         ),
     ],
 )
-def test_couchdb_url_and_its_credentials_come_from_the_environment(
+def test_the_server_url_and_its_credentials_come_from_the_environment(
     environ: dict[str, str], expected: ServerURL | None
 ) -> None:
     server = server_from_environment(environ)
@@ -143,7 +143,7 @@ def test_couchdb_url_and_its_credentials_come_from_the_environment(
         ),
     ],
 )
-def test_a_bad_couchdb_url_is_an_error_not_a_quiet_fallback_to_the_fake(
+def test_a_bad_server_url_is_an_error_not_a_quiet_fallback_to_the_fake(
     environ: dict[str, str], message: str
 ) -> None:
     with pytest.raises(ValueError, match="COUCHDB_URL") as caught:

@@ -206,6 +206,7 @@ class NotifierCli:
         couch_url: str,
         sink: SmtpSink,
         database: str = DB,
+        checkpoint_database: str | None = None,
         couch: FakeCouch | RemoteCouch | None = None,
     ) -> None:
         self.workdir = workdir
@@ -215,6 +216,7 @@ class NotifierCli:
         #: On a real server (``couch`` a RemoteCouch) the logical database
         #: names become the unique ones ``couch`` maps them to.
         self.couch = couch
+        self.checkpoint_database = checkpoint_database or real_name(couch, CHECKPOINTS)
         self.processes: list[NotifierProcess] = []
         self._configs = 0
 
@@ -228,7 +230,7 @@ class NotifierCli:
             couch_url=self.couch_url,
             sink=self.sink,
             database=real_name(self.couch, self.database),
-            checkpoint_database=real_name(self.couch, CHECKPOINTS),
+            checkpoint_database=self.checkpoint_database,
             overrides=sections,
         )
         return write_config(self.workdir / f"notifier-{self._configs}.toml", data)

@@ -35,6 +35,7 @@ from notifier.testing.fake_couch.wire import (
     _json_body,
     _json_param,
     _not_implemented,
+    _only,
     _require_json_ctype,
 )
 
@@ -153,6 +154,14 @@ class ChangesMixin(CouchState):
         body: bytes,
         decoded_path: str,
     ) -> FakeResponse:
+        _only(params, _CHANGES_PARAMS, method, decoded_path)
+        for name in ("conflicts", "attachments", "att_encoding_info"):
+            # One leaf per doc and no attachments: nothing these could add.
+            _bool_param(params, name, default=False)
+        if params.get("style", "main_only") not in ("main_only", "all_docs"):
+            raise FakeCouchError(400, "bad_request", "`style` must be main_only or all_docs")
+        if "seq_interval" in params:
+            raise _not_implemented(method, f"{decoded_path}?seq_interval")
         feed = params.get("feed", "normal")
         if feed == "eventsource":
             raise _not_implemented(method, f"{decoded_path}?feed=eventsource")
@@ -416,3 +425,28 @@ class ChangesMixin(CouchState):
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+# What the feed implements. `selector` is the query parameter PouchDB Server
+# reads; CouchDB 3 ignores it (the selector comes from the body), and so does
+# the fake unless `selector_query_fallback` is on. `style=all_docs` lists the
+# one leaf a doc has here, as main_only does.
+_CHANGES_PARAMS: Final = frozenset(
+    {
+        "feed",
+        "since",
+        "limit",
+        "include_docs",
+        "heartbeat",
+        "timeout",
+        "filter",
+        "doc_ids",
+        "selector",
+        "descending",
+        "conflicts",
+        "attachments",
+        "att_encoding_info",
+        "style",
+        "seq_interval",
+    }
+)

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import httpx
 
 from notifier.testing.fake_couch.changes import DEFAULT_MAX_TIMEOUT, ChangesMixin, _Waiter
-from notifier.testing.fake_couch.documents import DocumentsMixin, _Database
+from notifier.testing.fake_couch.documents import DocumentsMixin, _Database, key_range
 from notifier.testing.fake_couch.faults import (
     FaultEvent,
     RequestRecord,
@@ -35,11 +35,15 @@ from notifier.testing.fake_couch.wire import (
     FakeResponse,
     HeadersLike,
     _allow,
+    _bool_param,
     _error,
     _int_param,
+    _json_param,
     _json_response,
     _lower_headers,
     _not_implemented,
+    _only,
+    _with_location,
 )
 
 log = logging.getLogger(__name__)
@@ -547,6 +551,7 @@ class FakeCouch(DocumentsMixin, ChangesMixin):
     ) -> FakeResponse:
         if not seg:
             _allow(method, "GET", "HEAD")
+            _only(params, frozenset(), method, "/")
             return _json_response(
                 200,
                 {
@@ -559,15 +564,27 @@ class FakeCouch(DocumentsMixin, ChangesMixin):
         top = seg[0]
         if top.startswith("_"):
             return self._server_endpoint(method, seg, params)
+        # CouchDB says where a created database or doc is, by the Host it was asked.
+        base_url = f"http://{headers.get('host', IN_PROCESS_URL.removeprefix('http://'))}"
         if len(seg) == 1:
-            return self._database_endpoint(method, top, params, headers, body)
+            response = self._database_endpoint(method, top, params, headers, body)
+            if response.status == 201 and method == "PUT":
+                return _with_location(response, base_url, _path(top))
+            if response.status == 201:
+                created = json.loads(response.body) if isinstance(response.body, bytes) else {}
+                return _with_location(response, base_url, _path(top, created.get("id", "")))
+            return response
         db_name, rest = top, seg[1:]
         if rest[0] in ("_design", "_local") and len(rest) >= 2:
             doc_id = f"{rest[0]}/{rest[1]}"
             if len(rest) > 2:
                 self._db_checked(db_name)
                 raise _not_implemented(method, decoded_path)
-            return self._document_endpoint(method, db_name, doc_id, params, body)
+            return _located(
+                self._document_endpoint(method, db_name, doc_id, params, headers, body),
+                base_url,
+                _path(db_name, doc_id),
+            )
         if len(rest) > 1:
             raise _not_implemented(method, decoded_path)  # attachments
         name = rest[0]
@@ -582,19 +599,67 @@ class FakeCouch(DocumentsMixin, ChangesMixin):
         if name in _UNIMPLEMENTED_DB_ENDPOINTS:
             self._db_checked(db_name)
             raise _not_implemented(method, decoded_path)
-        return self._document_endpoint(method, db_name, name, params, body)
+        return _located(
+            self._document_endpoint(method, db_name, name, params, headers, body),
+            base_url,
+            _path(db_name, name),
+        )
 
     def _server_endpoint(self, method: str, seg: list[str], params: dict[str, str]) -> FakeResponse:
+        where = "/" + "/".join(seg)
         if seg == ["_up"]:
             _allow(method, "GET", "HEAD")
+            _only(params, frozenset(), method, where)
             return _json_response(200, {"status": "ok"})
         if seg == ["_all_dbs"]:
             _allow(method, "GET", "HEAD")
-            return _json_response(200, self.database_names())
+            _only(params, _ALL_DBS_PARAMS, method, where)
+            start = _json_param(params, "startkey", _json_param(params, "start_key", None))
+            end = _json_param(params, "endkey", _json_param(params, "end_key", None))
+            skip = _int_param(params, "skip", 0) or 0
+            limit = _int_param(params, "limit", None)
+            names = key_range(
+                self.database_names(),
+                start=start,
+                end=end,
+                descending=_bool_param(params, "descending", default=False),
+                inclusive_end=_bool_param(params, "inclusive_end", default=True),
+            )[skip:]
+            return _json_response(200, names if limit is None else names[:limit])
         if seg == ["_uuids"]:
             _allow(method, "GET", "HEAD")
+            _only(params, frozenset({"count"}), method, where)
             count = _int_param(params, "count", 1) or 1
             with self._lock:
                 uuids = [self._new_id() for _ in range(count)]
             return _json_response(200, {"uuids": uuids})
         raise _not_implemented(method, "/" + "/".join(seg))
+
+
+_ALL_DBS_PARAMS: Final = frozenset(
+    {
+        "startkey",
+        "start_key",
+        "endkey",
+        "end_key",
+        "limit",
+        "skip",
+        "descending",
+        "inclusive_end",
+    }
+)
+
+
+def _path(database: str, doc_id: str = "") -> str:
+    """The URL path of a database or doc (a design or local doc keeps its slash)."""
+    path = "/" + quote(database, safe="")
+    if doc_id:
+        prefix, slash, rest = doc_id.partition("/")
+        if slash and prefix in ("_design", "_local"):
+            return f"{path}/{prefix}/{quote(rest, safe='')}"
+        return f"{path}/{quote(doc_id, safe='')}"
+    return path
+
+
+def _located(response: FakeResponse, base_url: str, path: str) -> FakeResponse:
+    return _with_location(response, base_url, path) if response.status == 201 else response

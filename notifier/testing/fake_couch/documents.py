@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sortedcontainers import SortedDict
 
+from notifier.testing.fake_couch.mango import _type_rank
 from notifier.testing.fake_couch.state import CouchState
 from notifier.testing.fake_couch.wire import (
     JSON,
@@ -25,6 +26,7 @@ from notifier.testing.fake_couch.wire import (
     FakeCouchError,
     FakeResponse,
     _allow,
+    _base_headers,
     _bool_param,
     _int_param,
     _json_body,
@@ -32,6 +34,7 @@ from notifier.testing.fake_couch.wire import (
     _json_response,
     _method_not_allowed,
     _not_implemented,
+    _only,
     _require_json_ctype,
 )
 
@@ -140,6 +143,7 @@ class DocumentsMixin(CouchState):
     def _database_endpoint(
         self, method: str, name: str, params: dict[str, str], headers: dict[str, str], body: bytes
     ) -> FakeResponse:
+        _only(params, _DATABASE_PARAMS.get(method, frozenset()), method, f"/{name}")
         if method in ("GET", "HEAD"):
             with self._lock:
                 db = self._db(name)
@@ -158,6 +162,11 @@ class DocumentsMixin(CouchState):
                 }
             return _json_response(200, info)
         if method == "PUT":
+            for shards in ("q", "n"):
+                # Shard settings: accepted and checked, with nothing to shard.
+                _int_param(params, shards, None)
+            if _bool_param(params, "partitioned", default=False):
+                raise _not_implemented(method, f"/{name}?partitioned=true")
             self.create_database(name)
             return _json_response(201, {"ok": True})
         if method == "DELETE":
@@ -171,31 +180,46 @@ class DocumentsMixin(CouchState):
             with self._lock:
                 doc_id, rev = self._write(self._db(name), doc, doc_id=None, query_rev=None)
             self._notify(name)
-            return _json_response(201, {"ok": True, "id": doc_id, "rev": rev})
+            return _write_answer(201, doc_id, rev, params)
         raise _method_not_allowed("GET,HEAD,PUT,DELETE,POST")
 
     # -- documents ---------------------------------------------------------------------
 
     def _document_endpoint(
-        self, method: str, db_name: str, doc_id: str, params: dict[str, str], body: bytes
+        self,
+        method: str,
+        db_name: str,
+        doc_id: str,
+        params: dict[str, str],
+        headers: dict[str, str],
+        body: bytes,
     ) -> FakeResponse:
+        _only(params, _DOCUMENT_PARAMS.get(method, frozenset()), method, f"/{db_name}/{doc_id}")
         if method in ("GET", "HEAD"):
             with self._lock:
                 db = self._db(db_name)
-                if "open_revs" in params:
-                    raise _not_implemented(method, f"/{db_name}/{doc_id}?open_revs")
+                for name in ("open_revs", "atts_since"):
+                    if name in params:
+                        raise _not_implemented(method, f"/{db_name}/{doc_id}?{name}")
                 doc_json = self._read(db, doc_id, params)
+            etag = f'"{doc_json["_rev"]}"'
+            if headers.get("if-none-match") == etag:
+                # The client's copy is current: CouchDB sends no body.
+                return FakeResponse(304, [*_base_headers(), ("etag", etag)], b"")
             return _json_response(200, doc_json, etag=doc_json["_rev"])
         if method == "PUT":
             doc = _json_body(body)
             if not isinstance(doc, dict):
                 raise FakeCouchError(400, "bad_request", "Document must be a JSON object")
+            if params.get("new_edits") == "false":
+                raise _not_implemented(method, f"/{db_name}/{doc_id}?new_edits=false")
+            _bool_param(params, "new_edits", default=True)
             with self._lock:
                 new_id, rev = self._write(
                     self._db(db_name), doc, doc_id=doc_id, query_rev=params.get("rev")
                 )
             self._notify(db_name)
-            return _json_response(201, {"ok": True, "id": new_id, "rev": rev}, etag=rev)
+            return _write_answer(201, new_id, rev, params)
         if method == "DELETE":
             with self._lock:
                 db = self._db(db_name)
@@ -206,7 +230,7 @@ class DocumentsMixin(CouchState):
                     db, {"_deleted": True}, doc_id=doc_id, query_rev=params.get("rev")
                 )
             self._notify(db_name)
-            return _json_response(200, {"ok": True, "id": new_id, "rev": rev}, etag=rev)
+            return _write_answer(200, new_id, rev, params)
         if method == "COPY":
             raise _not_implemented(method, f"/{db_name}/{doc_id}")
         raise _method_not_allowed("GET,HEAD,PUT,DELETE")
@@ -222,15 +246,30 @@ class DocumentsMixin(CouchState):
         if doc is None:
             raise FakeCouchError(404, "not_found", "missing")
         revs = _bool_param(params, "revs", default=False)
+        meta = _bool_param(params, "meta", default=False)
+        revs_info = _bool_param(params, "revs_info", default=False) or meta
+        local_seq = _bool_param(params, "local_seq", default=False)
+        # There is only ever one leaf: no conflicts to list, and the latest
+        # leaf of any rev is the current one. Accepted and checked.
+        for name in ("conflicts", "deleted_conflicts", "latest", "atts", "att_encoding_info"):
+            _bool_param(params, name, default=False)
         if rev is not None:
             # Only the current rev is kept: older ones read as missing, as on
             # a CouchDB that has just compacted.
             if rev != doc.rev:
                 raise FakeCouchError(404, "not_found", "missing")
-            return doc.to_json(revs=revs)
-        if doc.deleted:
+        elif doc.deleted:
             raise FakeCouchError(404, "not_found", "deleted")
-        return doc.to_json(revs=revs)
+        out = doc.to_json(revs=revs)
+        if revs_info:
+            # CouchDB's answer after compaction: older revs are "missing".
+            out["_revs_info"] = [
+                {"rev": f"{doc.pos - i}-{h}", "status": "missing" if i else "available"}
+                for i, h in enumerate(doc.rev_hashes)
+            ]
+        if local_seq:
+            out["_local_seq"] = self._seq(db, doc.seq)
+        return out
 
     def _write(
         self, db: _Database, doc: Doc, *, doc_id: str | None, query_rev: str | None
@@ -382,7 +421,14 @@ class DocumentsMixin(CouchState):
         body: bytes,
     ) -> FakeResponse:
         _allow(method, "GET", "HEAD", "POST")
+        _only(params, _ALL_DOCS_PARAMS, method, f"/{db_name}/_all_docs")
+        for name in ("conflicts", "stable", "sorted"):
+            # One leaf per doc, one node, always sorted: nothing to change.
+            _bool_param(params, name, default=False)
+        if params.get("update", "true") not in ("true", "false", "lazy"):
+            raise FakeCouchError(400, "query_parse_error", "Invalid value for `update`")
         include_docs = _bool_param(params, "include_docs", default=False)
+        update_seq = _bool_param(params, "update_seq", default=False)
         descending = _bool_param(params, "descending", default=False)
         inclusive_end = _bool_param(params, "inclusive_end", default=True)
         limit = _int_param(params, "limit", None)
@@ -397,6 +443,12 @@ class DocumentsMixin(CouchState):
                 keys = request["keys"]
         start = _json_param(params, "startkey", _json_param(params, "start_key", None))
         end = _json_param(params, "endkey", _json_param(params, "end_key", None))
+        if "key" in params:
+            # One key is the range from it to itself, as in a view.
+            if keys is not None:
+                raise FakeCouchError(400, "query_parse_error", "`keys` is incompatible with `key`")
+            start = end = _json_param(params, "key")
+            inclusive_end = True
         with self._lock:
             db = self._db(db_name)
             rows: list[Doc] = []
@@ -420,20 +472,18 @@ class DocumentsMixin(CouchState):
                         rows.append(_all_docs_row(doc, include_docs))
             else:
                 # _all_docs orders ids by raw (byte) collation, not ICU.
-                ids = sorted((i for i, d in db.docs.items() if not d.deleted), reverse=descending)
-                for doc_id in ids:
-                    if start is not None and (doc_id < start if not descending else doc_id > start):
-                        continue
-                    if end is not None:
-                        past = doc_id > end if not descending else doc_id < end
-                        if past or (not inclusive_end and doc_id == end):
-                            continue
+                live = (i for i, d in db.docs.items() if not d.deleted)
+                for doc_id in key_range(
+                    live, start=start, end=end, descending=descending, inclusive_end=inclusive_end
+                ):
                     rows.append(_all_docs_row(db.docs[doc_id], include_docs))
             rows = rows[skip:]
             if limit is not None:
                 rows = rows[:limit]
-            total = db.doc_count
-        return _json_response(200, {"total_rows": total, "offset": skip, "rows": rows})
+            answer: Doc = {"total_rows": db.doc_count, "offset": skip, "rows": rows}
+            if update_seq:
+                answer["update_seq"] = self._seq(db, db.update_seq)
+        return _json_response(200, answer)
 
 
 def _check_doc_id(doc_id: str) -> None:
@@ -466,3 +516,90 @@ def _all_docs_row(doc: _Doc, include_docs: bool) -> Doc:
     if include_docs:
         row["doc"] = doc.to_json()
     return row
+
+
+def key_range(
+    keys: Iterable[str], *, start: JSON, end: JSON, descending: bool, inclusive_end: bool
+) -> list[str]:
+    """The keys from ``start`` to ``end`` (None: open), in raw code point order.
+
+    How ``_all_docs`` and ``_all_dbs`` list ids and names: raw collation,
+    not ICU; a start or end key that is not a string sorts by CouchDB's type
+    order (numbers before strings, arrays and objects after).
+    """
+    direction = -1 if descending else 1
+    chosen = []
+    for key in sorted(keys, reverse=descending):
+        if start is not None and _compare_key(key, start) * direction < 0:
+            continue
+        if end is not None:
+            past = _compare_key(key, end) * direction
+            if past > 0 or (past == 0 and not inclusive_end):
+                continue
+        chosen.append(key)
+    return chosen
+
+
+def _compare_key(key: str, bound: JSON) -> int:
+    if isinstance(bound, str):
+        return (key > bound) - (key < bound)
+    return -1 if _type_rank(key) < _type_rank(bound) else 1
+
+
+def _write_answer(status: int, doc_id: str, rev: str, params: Mapping[str, str]) -> FakeResponse:
+    """The answer to a single write; ``batch=ok`` gets CouchDB's 202 without a rev."""
+    batch = params.get("batch")
+    if batch is not None and batch != "ok":
+        raise FakeCouchError(400, "bad_request", f'Invalid value for batch: "{batch}" (only "ok")')
+    if batch == "ok":
+        # CouchDB may write a batched doc later; the fake writes it at once,
+        # which a client cannot tell apart (it was not told the rev).
+        return _json_response(202, {"ok": True, "id": doc_id})
+    return _json_response(status, {"ok": True, "id": doc_id, "rev": rev}, etag=rev)
+
+
+_DATABASE_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "PUT": frozenset({"q", "n", "partitioned"}),
+    "POST": frozenset({"batch"}),
+}
+_DOCUMENT_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "GET": frozenset(
+        {
+            "rev",
+            "revs",
+            "revs_info",
+            "local_seq",
+            "meta",
+            "conflicts",
+            "deleted_conflicts",
+            "latest",
+            "atts",
+            "att_encoding_info",
+            "open_revs",
+            "atts_since",
+        }
+    ),
+    "PUT": frozenset({"rev", "batch", "new_edits"}),
+    "DELETE": frozenset({"rev", "batch"}),
+}
+_DOCUMENT_PARAMS["HEAD"] = _DOCUMENT_PARAMS["GET"]
+_ALL_DOCS_PARAMS: Final = frozenset(
+    {
+        "conflicts",
+        "descending",
+        "endkey",
+        "end_key",
+        "include_docs",
+        "inclusive_end",
+        "key",
+        "keys",
+        "limit",
+        "skip",
+        "startkey",
+        "start_key",
+        "update_seq",
+        "stable",
+        "sorted",
+        "update",
+    }
+)

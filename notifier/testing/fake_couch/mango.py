@@ -10,6 +10,7 @@ would refuse, or what the fake does not evaluate, raises
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NoReturn
 
@@ -29,15 +30,7 @@ class SelectorError(FakeCouchError, ValueError):
 _KNOWN_UNSUPPORTED_OPS: Final = frozenset(
     {
         "$nor",
-        "$all",
-        "$elemMatch",
-        "$allMatch",
         "$keyMapMatch",
-        "$size",
-        "$type",
-        "$mod",
-        "$regex",
-        "$beginsWith",
         "$text",
         "$where",
         "$geoWithin",
@@ -47,6 +40,13 @@ _KNOWN_UNSUPPORTED_OPS: Final = frozenset(
     }
 )
 _COMPARISONS: Final = frozenset({"$eq", "$ne", "$gt", "$gte", "$lt", "$lte"})
+# Operators whose argument is a selector applied to each element of an array.
+_ELEMENT_MATCHES: Final = frozenset({"$elemMatch", "$allMatch"})
+_TYPES: Final = ("null", "boolean", "number", "string", "array", "object")
+_SUPPORTED: Final = (
+    "$eq $ne $gt $gte $lt $lte $in $nin $exists $type $size $mod $regex $beginsWith "
+    "$all $elemMatch $allMatch $and $or $not"
+)
 _NEGATED: Final = {
     "$lt": "$gte",
     "$lte": "$gt",
@@ -120,10 +120,18 @@ def _norm_ops(sel: JSON) -> JSON:
         return sel
     if key in _COMPARISONS:
         return sel
+    if key in _ELEMENT_MATCHES:
+        if not isinstance(arg, dict):
+            _bad_arg(key, arg)
+        return {key: _norm_ops(arg)}
+    if key in _ARGUMENT_CHECKS:
+        if not _ARGUMENT_CHECKS[key](arg):
+            _bad_arg(key, arg)
+        return sel
     if key in _KNOWN_UNSUPPORTED_OPS:
         raise SelectorError(
             f"Selector operator {key} is valid in CouchDB but not supported by FakeCouch "
-            f"(it evaluates $eq $ne $gt $gte $lt $lte $in $nin $exists $and $or $not)"
+            f"(it evaluates {_SUPPORTED})"
         )
     if key.startswith("$"):
         # CouchDB's own wording for an operator it does not know.
@@ -142,6 +150,9 @@ def _norm_fields(sel: JSON, path: str) -> JSON:
         return {key: [_norm_fields(a, path) for a in arg]}
     if key == "$not":
         return {key: _norm_fields(arg, path)}
+    if key in _ELEMENT_MATCHES:
+        # The inner selector applies to each element: its paths start there.
+        return {path: {key: _norm_negations(_norm_fields(arg, ""))}}
     if key.startswith("$"):
         return {path: sel}
     # {"a": {"b": …}} and {"a.b": …} are the same path.
@@ -227,7 +238,8 @@ def _match(sel: JSON, doc: JSON) -> bool:
         return any(_match(a, doc) for a in arg)
     if key == "$not":
         return not _match(arg, doc)
-    value = _get_field(doc, _parse_field(key))
+    # An empty path is the value itself: an element inside $elemMatch.
+    value = _get_field(doc, _parse_field(key)) if key else doc
     if value is _NOT_FOUND:
         # The rule that trips up `$ne` selectors: a missing field matches
         # nothing but `$exists: false`.
@@ -241,6 +253,33 @@ def _match_cond(cond: JSON, value: JSON, *, raw: bool) -> bool:
     ((op, arg),) = cond.items()
     if op == "$exists":
         return bool(arg)
+    if op == "$not":
+        return not _match_cond(arg, value, raw=raw)
+    if op in _ELEMENT_MATCHES:
+        if not isinstance(value, list) or not value:
+            return False
+        each = all if op == "$allMatch" else any
+        return each(_match(arg, element) for element in value)
+    if op == "$all":
+        # CouchDB: a non-empty list whose every member is in the value (or
+        # that equals it, for an array of arrays).
+        if not isinstance(value, list) or not arg:
+            return False
+        return value == arg or all(any(_collate(v, a) == 0 for v in value) for a in arg)
+    if op == "$size":
+        return isinstance(value, list) and len(value) == arg
+    if op == "$type":
+        return bool(_type_name(value) == arg)
+    if op == "$mod":
+        if not _is_integer(value):
+            return False
+        divisor, remainder = arg
+        # Erlang's rem: the result takes the sign of the dividend (Python's % does not).
+        return bool(value - divisor * int(value / divisor) == remainder)
+    if op == "$regex":
+        return isinstance(value, str) and re.search(arg, value) is not None
+    if op == "$beginsWith":
+        return isinstance(value, str) and value.startswith(arg)
     if op == "$in":
         if isinstance(value, list):
             return any(_collate(v, a, raw=raw) == 0 for a in arg for v in value)
@@ -302,3 +341,42 @@ def _collate(a: JSON, b: JSON, *, raw: bool = False) -> int:
                 return c
         return (len(a) > len(b)) - (len(a) < len(b))
     return 0
+
+
+def _type_name(value: JSON) -> str:
+    """The JSON type of ``value``, as ``$type`` names it."""
+    rank = _type_rank(value)
+    # false and true (ranks 1 and 2) are both "boolean".
+    return _TYPES[rank - 1 if rank >= 2 else rank]
+
+
+def _is_integer(value: JSON) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _valid_regex(arg: JSON) -> bool:
+    # CouchDB compiles the pattern with PCRE; the fake with Python's re. A
+    # pattern only PCRE understands (\p{...}, (?R), \h…) is refused here.
+    if not isinstance(arg, str):
+        return False
+    try:
+        re.compile(arg)
+    except re.error:
+        return False
+    return True
+
+
+def _valid_mod(arg: JSON) -> bool:
+    return (
+        isinstance(arg, list) and len(arg) == 2 and all(_is_integer(a) for a in arg) and arg[0] != 0
+    )
+
+
+_ARGUMENT_CHECKS: Final[dict[str, Callable[[JSON], bool]]] = {
+    "$regex": _valid_regex,
+    "$beginsWith": lambda arg: isinstance(arg, str),
+    "$size": lambda arg: _is_integer(arg) and arg >= 0,
+    "$all": lambda arg: isinstance(arg, list),
+    "$mod": _valid_mod,
+    "$type": lambda arg: arg in _TYPES,
+}

@@ -79,6 +79,29 @@ class FeedCut(Exception):
     """Raised by a streamed body: the transport must drop the connection, unfinished."""
 
 
+def _only(params: Mapping[str, str], allowed: frozenset[str], method: str, where: str) -> None:
+    """Refuse every query parameter the endpoint does not implement, naming it.
+
+    CouchDB ignores some parameters it does not know; the fake cannot tell
+    those from ones it would have to honour, so it answers 501 rather than
+    pretend a parameter took effect.
+    """
+    for name in params:
+        if name not in allowed:
+            raise FakeCouchError(
+                501,
+                "not_implemented",
+                f"FakeCouch does not implement the query parameter {name!r} on {method} {where} "
+                f"(it implements: {', '.join(sorted(allowed)) or 'none'})",
+            )
+
+
+def _with_location(response: FakeResponse, base_url: str, path: str) -> FakeResponse:
+    """``response`` with CouchDB's ``Location`` header: where the created resource is."""
+    headers = [*response.headers, ("location", f"{base_url}{path}")]
+    return FakeResponse(response.status, headers, response.body)
+
+
 def _lower_headers(headers: HeadersLike) -> dict[str, str]:
     items = headers.items() if isinstance(headers, Mapping) else headers
     return {k.lower(): v for k, v in items}
