@@ -967,15 +967,11 @@ async def test_a_created_database_or_doc_says_where_it_is(backend: Backend) -> N
     locations = [r.headers.get("location") for r in (created_db, created_doc, posted)]
     # CouchDB 3 names the new resource by the Host the request used.
     host = backend.client.base_url.netloc.decode().rpartition("@")[2]
-    if backend.is_pouchdb:
-        # PouchDB Server sends none for a POSTed doc.
-        assert locations == [f"http://{host}/{name}", f"http://{host}/{name}/m1", None]
-    else:
-        assert locations == [
-            f"http://{host}/{name}",
-            f"http://{host}/{name}/m1",
-            f"http://{host}/{name}/{posted.json()['id']}",
-        ]
+    assert locations == [
+        f"http://{host}/{name}",
+        f"http://{host}/{name}/m1",
+        f"http://{host}/{name}/{posted.json()['id']}",
+    ]
 
 
 async def test_status_lines_carry_a_reason_phrase(backend: Backend) -> None:
