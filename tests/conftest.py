@@ -1,4 +1,7 @@
-"""Fixtures backed by a real PouchDB Server (CouchDB API).
+"""Fixtures backed by a real PouchDB Server (CouchDB API), and by COUCHDB_URL's server.
+
+With COUCHDB_URL set, every test that uses ``couch`` runs against PouchDB
+Server and against that server (test ids ``[pouchdb]`` and ``[couchdb]``).
 
 The SMTP sink, the fake CouchDB and the in-process worker runner come from
 notifier's own pytest plugin (notifier.testing.plugin), as users get them.
@@ -12,8 +15,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from realservers import CouchTestDB, PouchDBServer, create_database, delete_database, unique_db_name
+from realservers import CouchTestDB, PouchDBServer, scratch_database
 from scenario import ScenarioRecord
+
+from notifier.testing.remote import COUCHDB_URL_ENV, ServerURL, server_from_environment
 
 # test_harness.py checks these fixtures' own failure reports in a nested session.
 pytest_plugins = ["pytester"]
@@ -22,6 +27,18 @@ pytest_plugins = ["pytester"]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+#: The ``couch`` fixture's servers: PouchDB Server always, and the CouchDB
+#: named by COUCHDB_URL when it is set.
+POUCHDB = "pouchdb"
+COUCHDB = "couchdb"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Without COUCHDB_URL nothing is parametrised, so test ids stay as they were.
+    if "couch" in metafunc.fixturenames and server_from_environment() is not None:
+        metafunc.parametrize("couch_server", [POUCHDB, COUCHDB], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +52,33 @@ def pouchdb() -> Iterator[PouchDBServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def couchdb_url() -> ServerURL:
+    """The CouchDB that COUCHDB_URL names (only requested when it is set)."""
+    server = server_from_environment()
+    assert server is not None, f"{COUCHDB_URL_ENV} was unset during the run"
+    return server
+
+
 @pytest.fixture
-def couch(pouchdb: PouchDBServer, request: pytest.FixtureRequest) -> Iterator[CouchTestDB]:
-    """A fresh, empty database on the session's PouchDB Server.
+def couch_server(request: pytest.FixtureRequest) -> PouchDBServer | ServerURL:
+    """The server the ``couch`` fixture uses: PouchDB Server, or COUCHDB_URL's."""
+    if getattr(request, "param", POUCHDB) == COUCHDB:
+        server: ServerURL = request.getfixturevalue("couchdb_url")
+        return server
+    pouchdb: PouchDBServer = request.getfixturevalue("pouchdb")
+    return pouchdb
+
+
+@pytest.fixture
+def couch(
+    couch_server: PouchDBServer | ServerURL, request: pytest.FixtureRequest
+) -> Iterator[CouchTestDB]:
+    """A fresh, empty database on PouchDB Server, or on COUCHDB_URL's server.
+
+    The database has a unique name and is deleted afterwards, with every
+    database the test named with ``unique_db_name``, so a shared server is
+    safe (see ``realservers.scratch_database``).
 
     PouchDB Server exits as a whole on a filter it cannot evaluate, so the
     server is checked before and after each test. A death during the test
@@ -45,29 +86,24 @@ def couch(pouchdb: PouchDBServer, request: pytest.FixtureRequest) -> Iterator[Co
     a request a real CouchDB would have answered with an error (or treated
     differently).
     """
-    if pouchdb.ensure_alive():
+    pouchdb = couch_server if isinstance(couch_server, PouchDBServer) else None
+    if pouchdb is not None and pouchdb.ensure_alive():
         # A previous test killed it; that test has already failed. Say so in
         # this test's report too, so the restart is not a mystery.
         request.node.add_report_section(
             "setup", "pouchdb", f"PouchDB Server was restarted on {pouchdb.url}"
         )
-    name = unique_db_name(request.node.name)
-    create_database(pouchdb.url, name)
-    db = CouchTestDB(pouchdb.url, name)
-    try:
+    with scratch_database(couch_server.url, request.node.name) as db:
         yield db
-    finally:
-        db.close()
-    if not pouchdb.ping():
-        log = pouchdb.log_tail()
-        pouchdb.ensure_alive()
-        pytest.fail(
-            "PouchDB Server died during this test: the code under test sent it "
-            "something it could not evaluate (for example a filter or selector).\n"
-            f"--- server log tail ---\n{log}",
-            pytrace=False,
-        )
-    delete_database(pouchdb.url, name)
+        if pouchdb is not None and not pouchdb.ping():
+            log = pouchdb.log_tail()
+            pouchdb.ensure_alive()
+            pytest.fail(
+                "PouchDB Server died during this test: the code under test sent it "
+                "something it could not evaluate (for example a filter or selector).\n"
+                f"--- server log tail ---\n{log}",
+                pytrace=False,
+            )
 
 
 #: Where scenario tests append their figures (one JSON object a line); set by

@@ -2,20 +2,28 @@
 
 PouchDB Server (a CouchDB-compatible HTTP server from npm) is pinned in
 tests/servers/package.json. Tests never skip when it is missing: they fail
-and say how to install it.
+and say how to install it. A CouchDB named by ``COUCHDB_URL`` is used as it
+is (see :mod:`notifier.testing.remote`); tests only create, use and delete
+databases of their own on it.
+
+A server root URL here may carry credentials (``http://user:pw@host:port``):
+httpx authenticates with them, and :func:`couch_settings` splits them off
+for a notifier config, which refuses a URL with a password in it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -24,6 +32,7 @@ from urllib.parse import quote
 import httpx
 
 from notifier.testing import free_port
+from notifier.testing.remote import ServerURL, unique_database_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_DIR = REPO_ROOT / "tests" / "servers"
@@ -32,7 +41,6 @@ INSTALL_COMMAND = "npm ci --ignore-scripts --no-audit --no-fund --prefix tests/s
 
 _LOOPBACK = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_DB_NAME_UNSAFE = re.compile(r"[^a-z0-9_]+")
 
 
 class PouchDBServer:
@@ -53,10 +61,12 @@ class PouchDBServer:
         binary: Path | str = POUCHDB_BIN,
         *,
         port: int | None = None,
+        admin: tuple[str, str] | None = None,
         ready_timeout: float = 30.0,
         stop_timeout: float = 5.0,
     ) -> None:
         self.binary = Path(binary)
+        self.admin = admin
         self.host = _LOOPBACK
         self.port = port or 0
         self.ready_timeout = ready_timeout
@@ -70,7 +80,18 @@ class PouchDBServer:
     # -- lifecycle ---------------------------------------------------------
 
     @property
+    def server(self) -> ServerURL:
+        """Where it is, with the admin's credentials when it has one."""
+        username, password = self.admin or (None, None)
+        return ServerURL(base=self.base_url, username=username, password=password)
+
+    @property
     def url(self) -> str:
+        """The root URL, with the admin's credentials in it when the server has one."""
+        return self.server.url
+
+    @property
+    def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -187,7 +208,21 @@ class PouchDBServer:
             except BaseException:
                 self._terminate()
                 raise
+            if self.admin is not None:
+                self._create_admin(*self.admin)
             return
+
+    def _create_admin(self, name: str, password: str) -> None:
+        # Ends the "admin party": from here on, PouchDB Server refuses
+        # anonymous requests to server-wide endpoints, and to databases whose
+        # _security names members (see create_database).
+        with _client(self.base_url, 5.0) as client:
+            response = client.put(f"/_config/admins/{quote(name, safe='')}", json=password)
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"PouchDB Server on {self.base_url} refused to create admin {name!r}: "
+                f"{response.status_code} {response.text}"
+            )
 
     def _spawn(self) -> None:
         assert self._scratch is not None and self._log_path is not None
@@ -217,7 +252,7 @@ class PouchDBServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None and self._scratch is not None
         deadline = time.monotonic() + self.ready_timeout
-        with _client(self.url, 1.0) as client:
+        with _client(self.base_url, 1.0) as client:
             while True:
                 code = self._proc.poll()
                 if code is not None:
@@ -237,7 +272,7 @@ class PouchDBServer:
                     return
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"PouchDB Server did not answer on {self.url} within "
+                        f"PouchDB Server did not answer on {self.base_url} within "
                         f"{self.ready_timeout:g} s.\n--- log tail ---\n{self.log_tail()}"
                     )
                 time.sleep(0.05)
@@ -286,16 +321,17 @@ def _client(base_url: str, timeout: float) -> httpx.Client:
     )
 
 
-def unique_db_name(hint: str = "test") -> str:
-    """A fresh, valid CouchDB database name that mentions `hint`.
+#: Every name unique_db_name() gave out, in order: the ``couch`` fixture
+#: deletes those of its test's run (the checkpoint databases the code under
+#: test created), since nothing else on a shared server can have them.
+issued_db_names: list[str] = []
 
-    Database names must start with a lowercase letter and may contain only
-    lowercase letters, digits and _$()+-/.
-    """
-    slug = _DB_NAME_UNSAFE.sub("_", hint.lower()).strip("_")[:40]
-    if not slug or not slug[0].isalpha():
-        slug = f"db_{slug}".rstrip("_")
-    return f"{slug}_{uuid.uuid4().hex[:10]}"
+
+def unique_db_name(hint: str = "test") -> str:
+    """A fresh, valid CouchDB database name that mentions ``hint`` (and is remembered)."""
+    name = unique_database_name(hint)
+    issued_db_names.append(name)
+    return name
 
 
 def doc_path(db: str, doc_id: str) -> str:
@@ -306,13 +342,30 @@ def doc_path(db: str, doc_id: str) -> str:
     return f"/{quote(db, safe='')}/{quote(doc_id, safe='')}"
 
 
-def create_database(url: str, name: str, *, timeout: float = 10.0) -> None:
+def create_database(
+    url: str, name: str, *, admin_only: bool = False, timeout: float = 10.0
+) -> None:
+    """Create a database; with ``admin_only``, only admins may use it.
+
+    That is CouchDB 3's default for a new database; PouchDB Server needs it
+    said in ``_security``, after which an anonymous request gets 401 there.
+    """
     with _client(url, timeout) as client:
         response = client.put(f"/{quote(name, safe='')}")
-    if response.status_code not in (201, 202):
-        raise RuntimeError(
-            f"creating database {name!r} on {url} failed: {response.status_code} {response.text}"
-        )
+        if response.status_code not in (201, 202):
+            raise RuntimeError(
+                f"creating database {name!r} failed: {response.status_code} {response.text}"
+            )
+        if admin_only:
+            response = client.put(
+                f"/{quote(name, safe='')}/_security",
+                json={"admins": {"names": [], "roles": []}, "members": {"roles": ["_admin"]}},
+            )
+            if response.status_code != 200:
+                raise RuntimeError(
+                    f"making database {name!r} admin-only failed: "
+                    f"{response.status_code} {response.text}"
+                )
 
 
 def delete_database(url: str, name: str, *, timeout: float = 10.0) -> None:
@@ -320,8 +373,71 @@ def delete_database(url: str, name: str, *, timeout: float = 10.0) -> None:
         response = client.delete(f"/{quote(name, safe='')}")
     if response.status_code not in (200, 202, 404):
         raise RuntimeError(
-            f"deleting database {name!r} on {url} failed: {response.status_code} {response.text}"
+            f"deleting database {name!r} failed: {response.status_code} {response.text}"
         )
+
+
+def couch_settings(url: str) -> dict[str, str]:
+    """The ``[couch]`` settings that reach the server at ``url`` (credentials and all).
+
+    A config refuses a URL with a password in it, so the credentials become
+    ``username`` and a ``password_file`` (a private file, removed at exit).
+    """
+    server = ServerURL.parse(url)
+    settings = {"url": server.base}
+    if server.username is not None and server.password is not None:
+        settings["username"] = server.username
+        settings["password_file"] = str(_password_file(server.password))
+    return settings
+
+
+_password_files: dict[str, Path] = {}
+
+
+def _password_file(password: str) -> Path:
+    path = _password_files.get(password)
+    if path is None:
+        fd, name = tempfile.mkstemp(prefix="notifier-test-couch-password-")
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(password)
+        path = _password_files[password] = Path(name)
+        atexit.register(path.unlink, missing_ok=True)
+    return path
+
+
+@contextmanager
+def scratch_database(url: str, hint: str) -> Iterator[CouchTestDB]:
+    """A fresh database on the server at ``url``, deleted afterwards with every
+    database named by :func:`unique_db_name` meanwhile or named after it
+    (``ckpt_<name>``): the test's own.
+
+    On a server with credentials the database is admin-only, as CouchDB 3
+    makes it by default, so a request that forgets them gets 401.
+    """
+    issued_before = len(issued_db_names)
+    name = unique_db_name(hint)
+    create_database(url, name, admin_only=ServerURL.parse(url).username is not None)
+    db = CouchTestDB(url, name)
+    try:
+        yield db
+    finally:
+        db.close()
+        # Names the test derived from its database's (a random suffix makes
+        # them its own), and the ones it asked unique_db_name for.
+        doomed = set(issued_db_names[issued_before:])
+        with _client(url, 10.0) as client:
+            listing = client.get("/_all_dbs")
+        if listing.status_code == 200:
+            doomed.update(n for n in listing.json() if name in n)
+        for doomed_name in sorted(doomed):
+            delete_database(url, doomed_name)
+
+
+def is_pouchdb_server(url: str, *, timeout: float = 10.0) -> bool:
+    """Whether the server at ``url`` is PouchDB Server (by its welcome), not CouchDB."""
+    with _client(url, timeout) as client:
+        welcome = client.get("/").json()
+    return "express-pouchdb" in welcome
 
 
 class CouchTestDB:

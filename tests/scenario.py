@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from realservers import CouchTestDB, unique_db_name
+from realservers import CouchTestDB, couch_settings, unique_db_name
 
 from notifier.config import Config
 from notifier.testing.smtp import SmtpSink
@@ -82,7 +82,7 @@ def config_data(
     """A configuration as a TOML-shaped dict, with fast timings for tests."""
     data: dict[str, Any] = {
         "couch": {
-            "url": couch.url,
+            **couch_settings(couch.url),
             "database": couch.name,
             # Per test, so checkpoints of one test never leak into another.
             "checkpoint_database": unique_db_name("checkpoints"),

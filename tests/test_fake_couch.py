@@ -256,6 +256,37 @@ MESSAGE = {
         ({"n": {"$lt": "a"}}, True),
         ({"_id": {"$gt": "m0"}}, True),
         ({}, True),
+        # The array and pattern operators; on a missing field each matches nothing.
+        ({"to": {"$regex": "^whaa@"}}, True),
+        ({"to": {"$regex": "example"}}, True),  # unanchored, as PCRE's re:run
+        ({"n": {"$regex": "3"}}, False),  # only strings match a pattern
+        ({"notified": {"$regex": ".*"}}, False),
+        ({"to": {"$beginsWith": "whaa"}}, True),
+        ({"to": {"$beginsWith": "example"}}, False),
+        ({"notified": {"$beginsWith": ""}}, False),
+        ({"list": {"$size": 2}}, True),
+        ({"meta.tags": {"$size": 3}}, False),
+        ({"to": {"$size": 16}}, False),  # a string is not an array
+        ({"notified": {"$size": 0}}, False),
+        ({"meta.tags": {"$all": ["b", "a"]}}, True),
+        ({"meta.tags": {"$all": ["a", "c"]}}, False),
+        ({"meta.tags": {"$all": []}}, False),
+        ({"notified": {"$all": []}}, False),
+        ({"list": {"$elemMatch": {"$gt": 15}}}, True),
+        ({"list": {"$elemMatch": {"$gt": 25}}}, False),
+        ({"list": {"$allMatch": {"$gt": 5}}}, True),
+        ({"list": {"$allMatch": {"$gt": 15}}}, False),
+        ({"notified": {"$elemMatch": {"$exists": False}}}, False),
+        ({"n": {"$mod": [2, 1]}}, True),
+        ({"n": {"$mod": [2, 0]}}, False),
+        ({"flag": {"$mod": [2, 0]}}, False),  # only integers
+        ({"n": {"$type": "number"}}, True),
+        ({"flag": {"$type": "null"}}, True),
+        ({"meta": {"$type": "object"}}, True),
+        ({"list": {"$type": "array"}}, True),
+        ({"notified": {"$type": "null"}}, False),
+        ({"$not": {"to": {"$regex": "^x"}}}, True),
+        ({"to": {"$not": {"$beginsWith": "w"}}}, False),
     ],
 )
 def test_selector_semantics_follow_couchdb(selector: Any, expected: bool) -> None:
@@ -265,9 +296,15 @@ def test_selector_semantics_follow_couchdb(selector: Any, expected: bool) -> Non
 @pytest.mark.parametrize(
     ("selector", "reason"),
     [
-        ({"to": {"$regex": "^w"}}, "$regex"),
-        ({"tags": {"$elemMatch": {"$eq": "a"}}}, "$elemMatch"),
         ({"$nor": [{"n": 1}]}, "$nor"),
+        ({"meta": {"$keyMapMatch": {"$eq": "lang"}}}, "$keyMapMatch"),
+        ({"to": {"$regex": "(unclosed"}}, "Bad argument for operator $regex"),
+        # PCRE understands \p{L}; Python's re does not, so the fake refuses it.
+        ({"to": {"$regex": "\\p{L}"}}, "Bad argument for operator $regex"),
+        ({"n": {"$mod": [0, 1]}}, "Bad argument for operator $mod"),
+        ({"n": {"$size": -1}}, "Bad argument for operator $size"),
+        ({"n": {"$type": "integer"}}, "Bad argument for operator $type"),
+        ({"list": {"$elemMatch": [1]}}, "Bad argument for operator $elemMatch"),
         ({"to": {"$foo": 1}}, "Invalid operator: $foo"),
         ({"$and": {"n": 1}}, "Bad argument for operator $and"),
         ({"n": {"$in": 3}}, "Bad argument for operator $in"),
@@ -289,12 +326,12 @@ async def test_a_bad_selector_is_a_400_before_the_feed_starts(
     fake.put(DB, {"_id": "a"})
 
     response = await changes_with_selector(
-        client, {"to": {"$regex": "x"}}, feed="continuous", heartbeat=50
+        client, {"to": {"$nor": [{"n": 1}]}}, feed="continuous", heartbeat=50
     )
 
     assert response.status_code == 400
     assert response.json()["error"] == "bad_request"
-    assert "$regex" in response.json()["reason"]
+    assert "$nor" in response.json()["reason"]
 
 
 async def test_the_body_selector_wins_over_the_query_parameter(
@@ -769,3 +806,38 @@ def test_a_server_in_a_thread_serves_another_process() -> None:
     assert sync.json()["doc_count"] == 1
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/{DB}", trust_env=False)
+
+
+def test_elem_match_reaches_into_the_elements_fields() -> None:
+    doc = {"items": [{"sku": "a", "qty": 1}, {"sku": "b", "qty": 5}], "neg": -7}
+
+    assert selector_matches({"items": {"$elemMatch": {"sku": "b", "qty": {"$gt": 2}}}}, doc)
+    assert not selector_matches({"items": {"$elemMatch": {"sku": "a", "qty": {"$gt": 2}}}}, doc)
+    assert selector_matches({"items": {"$allMatch": {"qty": {"$gte": 1}}}}, doc)
+    # Erlang's rem: the remainder takes the dividend's sign (Python's % would say 1).
+    assert selector_matches({"neg": {"$mod": [4, -3]}}, doc)
+    assert not selector_matches({"neg": {"$mod": [4, 1]}}, doc)
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        (f"/{DB}/_all_docs", {"group": "true"}),
+        (f"/{DB}/_changes", {"view": "app/by_date"}),
+        (f"/{DB}/_changes", {"seq_interval": "10"}),
+        (f"/{DB}/a", {"open_revs": "all"}),
+        (f"/{DB}", {"nonsense": "1"}),
+        ("/_all_dbs", {"nonsense": "1"}),
+        ("/", {"x": "1"}),
+    ],
+)
+async def test_a_query_parameter_the_fake_does_not_implement_is_501_naming_it(
+    fake: FakeCouch, client: httpx.AsyncClient, path: str, params: dict[str, str]
+) -> None:
+    fake.put(DB, {"_id": "a"})
+
+    response = await client.get(path, params=params)
+
+    assert response.status_code == 501
+    assert response.json()["error"] == "not_implemented"
+    assert next(iter(params)) in response.json()["reason"]

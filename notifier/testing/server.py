@@ -38,6 +38,7 @@ import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
 from types import TracebackType
 from typing import Self
 
@@ -358,7 +359,11 @@ class FakeCouchServer:
             if isinstance(answer.body, bytes):
                 out_headers.append((b"content-length", str(len(answer.body)).encode()))
                 events: list[h11.Event] = [
-                    h11.Response(status_code=answer.status, headers=out_headers)
+                    h11.Response(
+                        status_code=answer.status,
+                        headers=out_headers,
+                        reason=_reason(answer.status),
+                    )
                 ]
                 if answer.body and method != "HEAD":
                     events.append(h11.Data(data=answer.body))
@@ -367,7 +372,9 @@ class FakeCouchServer:
                 await writer.drain()
             else:
                 out_headers.append((b"transfer-encoding", b"chunked"))
-                head = h11.Response(status_code=answer.status, headers=out_headers)
+                head = h11.Response(
+                    status_code=answer.status, headers=out_headers, reason=_reason(answer.status)
+                )
                 writer.write(_encode(conn, [head]))
                 await writer.drain()
                 if not await self._stream(conn, reader, writer, answer.body):
@@ -459,6 +466,14 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) 
     # A closed loop means the server is gone: nothing to tell it.
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback)
+
+
+def _reason(status: int) -> bytes:
+    """The status line's reason phrase, as CouchDB sends it ("201 Created")."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _encode(conn: h11.Connection, events: list[h11.Event]) -> bytes:

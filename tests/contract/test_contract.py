@@ -1,5 +1,5 @@
-"""The CouchDB contract: one suite, run against FakeCouch (in process and on a socket)
-and against a real PouchDB Server.
+"""The CouchDB contract: one suite, run against FakeCouch (in process and on a socket),
+against a real PouchDB Server, and against the CouchDB that COUCHDB_URL names.
 
 A test passes on all backends, or says where PouchDB Server differs from Apache
 CouchDB 3 and expects each backend to do what it does (the fake follows
@@ -10,7 +10,9 @@ Backends: ``fake`` is FakeCouch in process, through ``FakeCouchTransport``;
 ``fake-socket`` is FakeCouch served on loopback by ``FakeCouchServer`` from a
 background thread (the way a subprocess reaches it); ``pouchdb`` is the real
 PouchDB Server 4.2 from tests/servers, through the ``couch`` fixture of
-tests/conftest.py, which fails the test if the server died during it.
+tests/conftest.py, which fails the test if the server died during it;
+``couchdb`` (only with COUCHDB_URL set) is that server, in a database of the
+test's own that is deleted afterwards with every other one the test named.
 
 Requests go out the way notifier sends them: ``Accept: application/json``
 always, ``Accept-Encoding: identity`` on feeds, and a selector both in the
@@ -36,14 +38,18 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from realservers import doc_path, unique_db_name
+from realservers import doc_path, is_pouchdb_server, scratch_database, unique_db_name
 
 from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
+from notifier.testing.remote import server_from_environment
 from notifier.testing.server import FakeCouchServer
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["fake", "fake-socket", "pouchdb"]
+# The CouchDB that COUCHDB_URL names joins the backends when it is set.
+BACKENDS = ["fake", "fake-socket", "pouchdb"] + (
+    ["couchdb"] if server_from_environment() is not None else []
+)
 JSON_ACCEPT = {"Accept": "application/json"}
 FEED_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 # How long a test waits for one line of a feed before it fails (not a timing
@@ -53,13 +59,20 @@ LINE_WAIT = 5.0
 
 @dataclass
 class Target:
-    """Where a test's requests go: a server root, a fresh database, and the fake if any."""
+    """Where a test's requests go: a server root, a fresh database, and the fake if any.
+
+    ``pouchdb`` says whether the server is PouchDB Server, which a test needs
+    to know where it differs from CouchDB 3: the ``couchdb`` backend is
+    whatever COUCHDB_URL names, and the test command points it at a second
+    PouchDB Server.
+    """
 
     kind: str
     url: str
     db: str
     fake: FakeCouch | None = None
     transport: httpx.AsyncBaseTransport | None = None
+    pouchdb: bool = False
 
 
 @pytest.fixture(params=BACKENDS)
@@ -68,7 +81,12 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     if kind == "pouchdb":
         # Only this parameter starts PouchDB Server, so `-k fake` needs no Node.js.
         couch = request.getfixturevalue("couch")
-        yield Target(kind, couch.url, couch.name)
+        yield Target(kind, couch.url, couch.name, pouchdb=True)
+        return
+    if kind == "couchdb":
+        url = request.getfixturevalue("couchdb_url").url
+        with scratch_database(url, request.node.name) as db:
+            yield Target(kind, url, db.name, pouchdb=is_pouchdb_server(url))
         return
     fake = FakeCouch(seed=1)
     name = unique_db_name(request.node.name)
@@ -122,10 +140,7 @@ class Backend:
     client: httpx.AsyncClient
     db: str
     fake: FakeCouch | None
-
-    @property
-    def is_pouchdb(self) -> bool:
-        return self.kind == "pouchdb"
+    is_pouchdb: bool
 
     @property
     def db_path(self) -> str:
@@ -200,7 +215,7 @@ async def backend(target: Target, anyio_backend: str) -> AsyncIterator[Backend]:
         timeout=10.0,
         trust_env=False,
     ) as client:
-        yield Backend(target.kind, client, target.db, target.fake)
+        yield Backend(target.kind, client, target.db, target.fake, target.pouchdb)
 
 
 REV = re.compile(r"^(\d+)-[0-9a-f]{32}$")
@@ -829,3 +844,141 @@ async def test_gzip_when_offered(backend: Backend) -> None:
     else:
         # CouchDB 3 does not compress responses.
         assert "content-encoding" not in response.headers
+
+
+# -- what real clients met (nano, CouchDB-Python) ------------------------------------------
+
+
+async def test_all_docs_with_key_lists_only_that_doc(backend: Backend) -> None:
+    await backend.put("a")
+    await backend.put("b")
+    rev = await backend.put("gone")
+    await backend.remove("gone", rev)
+
+    one = (await backend.client.get(f"{backend.db_path}/_all_docs", params={"key": '"b"'})).json()
+    missing = await backend.client.get(f"{backend.db_path}/_all_docs", params={"key": '"zz"'})
+    deleted = await backend.client.get(f"{backend.db_path}/_all_docs", params={"key": '"gone"'})
+
+    assert ids(one["rows"]) == ["b"]
+    # As a one-key range: no row for a missing or a deleted doc (unlike `keys`).
+    assert missing.json()["rows"] == []
+    assert deleted.json()["rows"] == []
+
+
+async def test_all_docs_update_seq_is_a_position_to_follow_from(backend: Backend) -> None:
+    await backend.put("a")
+
+    body = (
+        await backend.client.get(f"{backend.db_path}/_all_docs", params={"update_seq": "true"})
+    ).json()
+    await backend.put("b")
+
+    assert ids((await backend.results(since=body["update_seq"]))["results"]) == ["b"]
+
+
+async def test_get_with_revs_info_local_seq_and_meta(backend: Backend) -> None:
+    first = await backend.put("m1", {"n": 1})
+    second = await backend.put("m1", {"_rev": first, "n": 2})
+
+    info = (
+        await backend.client.get(
+            backend.doc("m1"), params={"revs_info": "true", "local_seq": "true"}
+        )
+    ).json()
+    meta = (await backend.client.get(backend.doc("m1"), params={"meta": "true"})).json()
+
+    assert [r["rev"] for r in info["_revs_info"]] == [second, first]
+    assert info["_revs_info"][0]["status"] == "available"
+    # The fake keeps only the current body, as a compacted CouchDB does;
+    # PouchDB Server keeps old bodies until it compacts.
+    assert info["_revs_info"][1]["status"] == ("available" if backend.is_pouchdb else "missing")
+    if backend.is_pouchdb:
+        # PouchDB Server ignores local_seq and meta.
+        assert "_local_seq" not in info and "_revs_info" not in meta
+        return
+    assert [r["rev"] for r in meta["_revs_info"]] == [second, first]
+    # _local_seq is opaque like any seq: fed back as `since`, the doc's own
+    # change is behind it.
+    later = (await backend.results(since=info["_local_seq"]))["results"]
+    assert "m1" not in ids(later)
+
+
+async def test_batch_ok_is_202_without_a_rev(backend: Backend) -> None:
+    put = await backend.client.put(backend.doc("m1"), params={"batch": "ok"}, json={"n": 1})
+    post = await backend.client.post(backend.db_path, params={"batch": "ok"}, json={"n": 2})
+
+    if backend.is_pouchdb:
+        # PouchDB Server ignores batch=ok and writes at once.
+        assert (put.status_code, post.status_code) == (201, 201)
+    else:
+        # CouchDB 3 accepts the write for later and does not know its rev yet.
+        assert (put.status_code, put.json()) == (202, {"ok": True, "id": "m1"})
+        assert post.status_code == 202 and set(post.json()) == {"ok", "id"}
+    # The fake writes at once, which a client told nothing cannot tell apart.
+    assert (await backend.client.get(backend.doc("m1"))).json()["n"] == 1
+
+
+async def test_if_none_match_with_the_current_etag_is_304(backend: Backend) -> None:
+    first = await backend.client.put(backend.doc("m1"), json={"n": 1})
+    etag = (await backend.client.get(backend.doc("m1"))).headers["etag"]
+
+    same = await backend.client.get(backend.doc("m1"), headers={"If-None-Match": etag})
+    await backend.put("m1", {"_rev": first.json()["rev"], "n": 2})
+    changed = await backend.client.get(backend.doc("m1"), headers={"If-None-Match": etag})
+
+    # CouchDB 3's ETag is the rev; PouchDB Server's is a weak hash of the body.
+    assert etag.startswith('W/"') if backend.is_pouchdb else etag == f'"{first.json()["rev"]}"'
+    assert same.status_code == 304
+    assert same.content == b""
+    assert changed.status_code == 200
+    assert changed.json()["n"] == 2
+
+
+async def test_all_dbs_takes_a_range_and_a_limit(backend: Backend) -> None:
+    prefix = unique_db_name("range")
+    names = [f"{prefix}_{c}" for c in "abc"]
+    for name in names:
+        assert (await backend.client.put(f"/{name}")).status_code == 201
+
+    async def all_dbs(**params: str) -> list[str]:
+        listed: list[str] = (await backend.client.get("/_all_dbs", params=params)).json()
+        return listed
+
+    ranged = await all_dbs(startkey=json.dumps(names[1]), endkey=json.dumps(names[2]))
+    limited = await all_dbs(startkey=json.dumps(names[0]), limit="2")
+    for name in names:
+        await backend.client.delete(f"/{name}")
+
+    if backend.is_pouchdb:
+        # PouchDB Server ignores the range and the limit: every database.
+        assert set(names) <= set(ranged) and set(names) <= set(limited)
+    else:
+        assert ranged == names[1:]
+        assert limited == names[:2]
+
+
+async def test_a_created_database_or_doc_says_where_it_is(backend: Backend) -> None:
+    name = unique_db_name("located")
+    created_db = await backend.client.put(f"/{name}")
+    created_doc = await backend.client.put(f"/{name}/m1", json={})
+    posted = await backend.client.post(f"/{name}", json={})
+    await backend.client.delete(f"/{name}")
+
+    locations = [r.headers.get("location") for r in (created_db, created_doc, posted)]
+    # CouchDB 3 names the new resource by the Host the request used.
+    host = backend.client.base_url.netloc.decode().rpartition("@")[2]
+    assert locations == [
+        f"http://{host}/{name}",
+        f"http://{host}/{name}/m1",
+        f"http://{host}/{name}/{posted.json()['id']}",
+    ]
+
+
+async def test_status_lines_carry_a_reason_phrase(backend: Backend) -> None:
+    created = await backend.client.put(backend.doc("m1"), json={})
+    missing = await backend.client.get(backend.doc("nope"))
+
+    assert created.reason_phrase == "Created"
+    # CouchDB's web server (mochiweb) says "Object Not Found"; the fake and
+    # PouchDB Server say what RFC 9110 does.
+    assert missing.reason_phrase in ("Not Found", "Object Not Found")

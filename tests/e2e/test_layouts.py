@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realservers import CouchTestDB, unique_db_name
+from realservers import CouchTestDB, couch_settings, unique_db_name
 from scenario import NOTIFIER, message
 from test_ops import Backend, backend_for, four_layouts, put_checkpoint
 
@@ -224,7 +224,8 @@ async def test_status_and_prune_checkpoints_commands_exit_as_documented(
     def write(retire_after: float) -> str:
         path.write_text(
             "[couch]\n"
-            f"url = {couch.url!r}\ndatabase = {couch.name!r}\n"
+            + "".join(f"{key} = {value!r}\n" for key, value in couch_settings(couch.url).items())
+            + f"database = {couch.name!r}\n"
             f"checkpoint_database = {ckdb!r}\nrequest_timeout = 2.0\n"
             f"[smtp]\nhost = {smtp_sink.host!r}\nport = {smtp_sink.port}\n"
             "[email]\nsender = 'notify@example.com'\n"
@@ -270,7 +271,11 @@ async def test_status_and_prune_checkpoints_commands_exit_as_documented(
             await client.request("DELETE", f"/{ckdb}")
 
     unreachable = tmp_path / "down.toml"
-    unreachable.write_text(path.read_text().replace(couch.url, f"http://127.0.0.1:{free_port()}"))
+    unreachable.write_text(
+        path.read_text().replace(
+            couch_settings(couch.url)["url"], f"http://127.0.0.1:{free_port()}"
+        )
+    )
     down = run("prune-checkpoints", "--config", str(unreachable))
     assert down.returncode == 69, down.stdout + down.stderr
     assert run("prune-checkpoints", "--config", str(tmp_path / "missing.toml")).returncode == 78

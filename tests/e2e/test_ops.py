@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from realservers import unique_db_name
+from realservers import couch_settings, unique_db_name
 from scenario import message
 
 from notifier import config as config_module
@@ -85,7 +85,7 @@ class Backend:
     ) -> Config:
         data: dict[str, dict[str, Any]] = {
             "couch": {
-                "url": self.url,
+                **couch_settings(self.url),
                 "database": self.database,
                 "checkpoint_database": unique_db_name("checkpoints"),
                 "request_timeout": 5.0,

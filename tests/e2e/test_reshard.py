@@ -481,6 +481,7 @@ def fake_cli(
     yield from reporting(request, NotifierCli(tmp_path, couch_url=couch_url, sink=smtp_sink))
 
 
+@pytest.mark.fake_couch_only  # about the fake's CouchDB-3 seqs, next to PouchDB Server's
 def test_overlapping_layouts_on_opaque_seqs_send_each_message_once(
     fake_couch: FakeCouch, smtp_sink: SmtpSink, fake_cli: NotifierCli
 ) -> None:

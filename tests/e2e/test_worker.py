@@ -501,7 +501,12 @@ class RefusingMarks(httpx.AsyncBaseTransport):
                     forwarded = httpx.Request(
                         "POST",
                         request.url,
-                        headers={"Content-Type": "application/json", "Accept": "application/json"},
+                        headers={
+                            "Content-Type": "application/json",
+                            "Accept": "application/json",
+                            # On a server that needs them: the original's credentials.
+                            **{k: v for k, v in request.headers.items() if k == "authorization"},
+                        },
                         content=json.dumps({"docs": rest}),
                     )
                     response = await self._inner.handle_async_request(forwarded)

@@ -25,7 +25,8 @@ from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for
 
-pytestmark = pytest.mark.anyio
+# Faults on demand are the fake's: COUCHDB_URL adds no run on a real server.
+pytestmark = [pytest.mark.anyio, pytest.mark.fake_couch_only]
 
 
 async def test_a_feed_cut_mid_stream_loses_nothing(fake: FakeCouch, smtp_sink: SmtpSink) -> None:

@@ -1,8 +1,9 @@
 """Run the real ``notifier`` CLI as a subprocess in reliability scenarios.
 
 A scenario starts the installed ``notifier`` command against a CouchDB (the
-socket-served fake, or PouchDB Server) and an SMTP sink, breaks something,
-and then counts what arrived. This module holds the pieces every scenario
+socket-served fake, PouchDB Server, or the CouchDB that COUCHDB_URL names,
+reached through a :class:`~notifier.testing.remote.RemoteCouch`) and an SMTP
+sink, breaks something, and then counts what arrived. This module holds the pieces every scenario
 needs; ``conftest.py`` only wires them into fixtures. It is a plain module so
 that any test file here can import it (``from harness import ...``): this
 directory has no ``__init__.py``, so pytest puts it on the import path.
@@ -38,12 +39,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
+from realservers import couch_settings
 from scenario import NOTIFIER, message, to_toml, wait_until
 
 from notifier.checkpoint import checkpoint_id
 from notifier.couch import seq_param
 from notifier.shard import Shard
 from notifier.testing.fake_couch import FakeCouch, FakeCouchError
+from notifier.testing.remote import RemoteCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.tracker import Seq
 from notifier.worker import is_settled
@@ -91,7 +94,7 @@ def config_data(
     """
     data: dict[str, dict[str, Any]] = {
         "couch": {
-            "url": couch_url,
+            **couch_settings(couch_url),
             "database": database,
             "checkpoint_database": checkpoint_database,
             "heartbeat": 1.0,
@@ -207,12 +210,23 @@ class NotifierCli:
     """
 
     def __init__(
-        self, workdir: Path, *, couch_url: str, sink: SmtpSink, database: str = DB
+        self,
+        workdir: Path,
+        *,
+        couch_url: str,
+        sink: SmtpSink,
+        database: str = DB,
+        checkpoint_database: str | None = None,
+        couch: FakeCouch | RemoteCouch | None = None,
     ) -> None:
         self.workdir = workdir
         self.couch_url = couch_url
         self.sink = sink
         self.database = database
+        #: On a real server (``couch`` a RemoteCouch) the logical database
+        #: names become the unique ones ``couch`` maps them to.
+        self.couch = couch
+        self.checkpoint_database = checkpoint_database or real_name(couch, CHECKPOINTS)
         self.processes: list[NotifierProcess] = []
         self._configs = 0
 
@@ -223,7 +237,11 @@ class NotifierCli:
         """
         self._configs += 1
         data = config_data(
-            couch_url=self.couch_url, sink=self.sink, database=self.database, overrides=sections
+            couch_url=self.couch_url,
+            sink=self.sink,
+            database=real_name(self.couch, self.database),
+            checkpoint_database=self.checkpoint_database,
+            overrides=sections,
         )
         return write_config(self.workdir / f"notifier-{self._configs}.toml", data)
 
@@ -328,7 +346,12 @@ class Seeded:
 
 
 def seed_messages(
-    fake: FakeCouch, count: int, start: int = 0, *, markers: bool = False, database: str = DB
+    fake: FakeCouch | RemoteCouch,
+    count: int,
+    start: int = 0,
+    *,
+    markers: bool = False,
+    database: str = DB,
 ) -> Seeded:
     """Write ``count`` messages (``msg-NNNNN`` to ``userN@example.com``), one doc at a time.
 
@@ -383,12 +406,18 @@ def feed_requests(
 ONE_WORKER = Shard(worker_id=0, worker_count=1)
 
 
+def real_name(couch: FakeCouch | RemoteCouch | None, database: str) -> str:
+    """The name a server knows ``database`` by: itself on the fake, a unique one on a real one."""
+    return couch.real_name(database) if isinstance(couch, RemoteCouch) else database
+
+
 def read_checkpoint(
-    fake: FakeCouch, shard: Shard = ONE_WORKER, *, database: str = DB
+    fake: FakeCouch | RemoteCouch, shard: Shard = ONE_WORKER, *, database: str = DB
 ) -> dict[str, Any] | None:
     """A worker's checkpoint doc, or None before its first write."""
     try:
-        return fake.get(CHECKPOINTS, checkpoint_id(database, shard))
+        # The id names the database as the worker's config does.
+        return fake.get(CHECKPOINTS, checkpoint_id(real_name(fake, database), shard))
     except FakeCouchError as e:
         if e.status == 404:  # the checkpoint database does not exist yet
             return None
@@ -424,7 +453,7 @@ class CheckpointWatch:
 
     def __init__(
         self,
-        fake: FakeCouch,
+        fake: FakeCouch | RemoteCouch,
         *,
         shard: Shard = ONE_WORKER,
         database: str = DB,
@@ -522,7 +551,7 @@ def recipients_delivered(sink: SmtpSink) -> set[str]:
     return set(sink.count_by_recipient())
 
 
-def all_settled(fake: FakeCouch, ids: Iterable[str], *, database: str = DB) -> bool:
+def all_settled(fake: FakeCouch | RemoteCouch, ids: Iterable[str], *, database: str = DB) -> bool:
     wanted = set(ids)
     docs = [d for d in fake.docs(database) if d["_id"] in wanted]
     return len(docs) == len(wanted) and all(is_settled(d) for d in docs)

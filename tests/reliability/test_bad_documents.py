@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from harness import CHECKPOINTS, NotifierCli, wait_until
+from harness import NotifierCli, wait_until
 from realservers import CouchTestDB
 from scenario import ScenarioRecord, message
 
@@ -223,7 +223,13 @@ def settled_ids(couch: CouchTestDB) -> set[str]:
 
 @pytest.fixture
 def cli(tmp_path: Path, couch: CouchTestDB, smtp_sink: SmtpSink) -> Iterator[NotifierCli]:
-    cli = NotifierCli(tmp_path, couch_url=couch.url, sink=smtp_sink, database=couch.name)
+    cli = NotifierCli(
+        tmp_path,
+        couch_url=couch.url,
+        sink=smtp_sink,
+        database=couch.name,
+        checkpoint_database=checkpoints_of(couch),
+    )
     try:
         yield cli
     finally:
@@ -311,6 +317,11 @@ def test_bad_documents_are_dead_lettered_with_their_reason_and_good_ones_go_out_
     assert scenario_record.duplicates_seen == 0
 
 
+def checkpoints_of(couch: CouchTestDB) -> str:
+    """The test's own checkpoint database: named after its database, so it is deleted with it."""
+    return f"{couch.name}_checkpoints"
+
+
 def checkpoint_passed(couch: CouchTestDB, doc_id: str) -> bool:
     """Whether the worker's checkpoint lies after ``doc_id``'s latest change.
 
@@ -318,7 +329,7 @@ def checkpoint_passed(couch: CouchTestDB, doc_id: str) -> bool:
     checkpoint); the seqs themselves are never compared.
     """
     ckpt = couch.client.get(
-        f"/{CHECKPOINTS}/{checkpoint_id(couch.name, Shard(worker_id=0, worker_count=1))}"
+        f"/{checkpoints_of(couch)}/{checkpoint_id(couch.name, Shard(worker_id=0, worker_count=1))}"
     )
     if ckpt.status_code != 200:
         return False

@@ -38,9 +38,12 @@ from harness import (
 from scenario import ScenarioRecord
 
 from notifier.retries import INDEX
-from notifier.testing import fake_find
 from notifier.testing.fake_couch import FakeCouch
+from notifier.testing.fake_couch import find as fake_find
 from notifier.testing.smtp import SmtpSink
+
+# Its CouchDB faults are the fake's: COUCHDB_URL adds no run on a real server.
+pytestmark = pytest.mark.fake_couch_only
 
 INTERRUPTED = "changes feed interrupted"
 BACK = "changes feed is back after"

@@ -50,6 +50,10 @@ from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import ReceivedEnvelopeInfo, SmtpSink
 from notifier.worker import FAILED, NOTIFIED, RECORD
 
+# Its scenarios aim their own NotifierCli at the fake's database names, so
+# COUCHDB_URL adds no run on a real server (test_graceful_stop and test_crash have one).
+pytestmark = pytest.mark.fake_couch_only
+
 SMTP_USER = "notifier"
 SMTP_PASSWORD = "right-password"
 # Far above what a batch needs (a few seconds): only a stuck worker fails it.

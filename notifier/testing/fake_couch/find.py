@@ -1,4 +1,4 @@
-"""Mango queries for the fake CouchDB: ``_find`` and ``_index``, as CouchDB 3 answers them.
+"""Mango queries: ``_find`` and ``_index``, as CouchDB 3 answers them.
 
 Indexes live where CouchDB keeps them, in design documents with
 ``"language": "query"``, so they show in ``_all_docs`` and the changes feed
@@ -21,13 +21,34 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import functools
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MangoIndex", "find", "index_design_doc", "indexes_of", "parse_index_request"]
+from notifier.testing.fake_couch.documents import DocumentsMixin
+from notifier.testing.fake_couch.mango import _collate, compile_selector
+from notifier.testing.fake_couch.wire import (
+    FakeCouchError,
+    FakeResponse,
+    _allow,
+    _json_body,
+    _json_response,
+    _not_implemented,
+    _only,
+    _require_json_ctype,
+)
+
+__all__ = [
+    "FindMixin",
+    "MangoIndex",
+    "find",
+    "index_design_doc",
+    "indexes_of",
+    "parse_index_request",
+]
 
 Doc = dict[str, Any]
 
@@ -337,3 +358,94 @@ def _bookmark(raw: Any) -> list[Any] | None:
     if not isinstance(key, list):
         raise FindError(400, "invalid_bookmark", f"Invalid bookmark value: {raw!r}")
     return key
+
+
+class FindMixin(DocumentsMixin):
+    """The ``_find`` and ``_index`` endpoints of :class:`~notifier.testing.fake_couch.FakeCouch`."""
+
+    def _find(self, db_name: str, headers: dict[str, str], body: bytes) -> FakeResponse:
+        _require_json_ctype(headers)
+        request = _json_body(body)
+        with self._lock:
+            db = self._db(db_name)
+            live = [d.to_json() for d in db.docs.values() if not d.deleted]
+            docs = [d for d in live if not d["_id"].startswith("_design/")]
+            indexes = indexes_of(d for d in live if d["_id"].startswith("_design/"))
+            try:
+                answer = find(
+                    docs,
+                    indexes,
+                    request,
+                    compile_selector=compile_selector,
+                    collate=_collate,
+                )
+            except FindError as e:
+                raise FakeCouchError(e.status, e.error, e.reason) from None
+        return _json_response(200, copy.deepcopy(answer))
+
+    def _index(
+        self,
+        method: str,
+        db_name: str,
+        rest: list[str],
+        params: dict[str, str],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> FakeResponse:
+        _only(params, frozenset(), method, f"/{db_name}/_index")
+        with self._lock:
+            db = self._db(db_name)
+            design = [
+                d.to_json()
+                for d in db.docs.values()
+                if not d.deleted and d.id.startswith("_design/")
+            ]
+            indexes = indexes_of(design)
+        if not rest:
+            _allow(method, "GET", "POST")
+            if method == "GET":
+                special = {
+                    "ddoc": None,
+                    "name": "_all_docs",
+                    "type": "special",
+                    "def": {"fields": [{"_id": "asc"}]},
+                }
+                listed = [special, *(i.to_json() for i in indexes)]
+                return _json_response(200, {"total_rows": len(listed), "indexes": listed})
+            _require_json_ctype(headers)
+            try:
+                ddoc_id, name, index = parse_index_request(_json_body(body), self._new_id)
+            except FindError as e:
+                raise FakeCouchError(e.status, e.error, e.reason) from None
+            with self._lock:
+                db = self._db(db_name)
+                existing = db.docs.get(ddoc_id)
+                current = existing.to_json() if existing and not existing.deleted else None
+                updated = index_design_doc(current, index)
+                if updated is not None:
+                    self._write(db, updated, doc_id=None, query_rev=None)
+            if updated is None:
+                return _json_response(200, {"result": "exists", "id": ddoc_id, "name": name})
+            self._notify(db_name)
+            return _json_response(200, {"result": "created", "id": ddoc_id, "name": name})
+        if len(rest) == 3 and method == "DELETE":
+            ddoc, kind, name = rest
+            ddoc_id = ddoc if ddoc.startswith("_design/") else f"_design/{ddoc}"
+            if kind != "json" or not any(i.ddoc == ddoc_id and i.name == name for i in indexes):
+                raise FakeCouchError(404, "not_found", "Index not found")
+            with self._lock:
+                db = self._db(db_name)
+                current = db.docs[ddoc_id].to_json()
+                views = {k: v for k, v in current["views"].items() if k != name}
+                if views:
+                    self._write(db, {**current, "views": views}, doc_id=None, query_rev=None)
+                else:
+                    self._write(
+                        db,
+                        {"_id": ddoc_id, "_rev": current["_rev"], "_deleted": True},
+                        doc_id=None,
+                        query_rev=None,
+                    )
+            self._notify(db_name)
+            return _json_response(200, {"ok": True})
+        raise _not_implemented(method, f"/{db_name}/_index/" + "/".join(rest))
