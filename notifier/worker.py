@@ -78,6 +78,7 @@ from notifier.lifecycle import (
     Forget,
     Outcome,
     Send,
+    Sent,
     Wait,
     Write,
     decide,
@@ -646,6 +647,8 @@ class Worker:
                 except _ClaimLost:
                     doc, watch = holder.fresh, None
                     continue
+                if isinstance(outcome, Sent):
+                    self.stats.sent += 1  # accepted by the relay, whatever the mark meets
                 doc = holder.doc
             else:
                 await self._record(doc, step)
@@ -816,7 +819,6 @@ class Worker:
     def _count(self, doc_id: str, write: Write) -> None:
         st = self.stats
         if write.kind == "sent":
-            st.sent += 1
             self._remember(doc_id)
             log.debug("message %s delivered and marked", doc_id)
         elif write.kind == "dead":
