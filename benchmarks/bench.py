@@ -183,10 +183,13 @@ class Bench:
         *,
         shard: tuple[int, int] = (0, 1),
         checkpoints: str | None = None,
+        smtp: dict[str, Any] | None = None,
+        command: list[str] | None = None,
         **worker: Any,
     ) -> tuple[Daemon, str]:
         """A ``notifier run`` of worker ``shard`` (id, count); a fresh checkpoint
-        database unless one is given."""
+        database unless one is given. ``smtp`` adds keys to ``[smtp]``;
+        ``command`` replaces the installed ``notifier`` (another version)."""
         checkpoints = checkpoints or unique_db_name("bench_checkpoints")
         config = {
             "couch": {
@@ -194,14 +197,15 @@ class Bench:
                 "database": database,
                 "checkpoint_database": checkpoints,
             },
-            "smtp": {"host": self.smtp.host, "port": self.smtp.port},
+            "smtp": {"host": self.smtp.host, "port": self.smtp.port, **(smtp or {})},
             "email": {"sender": SENDER},
             "worker": {"max_parallel": max_parallel, **worker},
         }
         path = self.scratch / f"{database}.toml"
         path.write_text(to_toml(config))
         worker_id, count = shard
-        argv = [NOTIFIER, "run", "--worker-id", str(worker_id), "--worker-count", str(count)]
+        argv = [*(command or [NOTIFIER]), "run", "--worker-id", str(worker_id)]
+        argv += ["--worker-count", str(count)]
         argv += ["--config", str(path), "--log-level", "INFO"]
         return Daemon(argv, self.log_path(name), ready=NOTIFIER_READY), checkpoints
 
@@ -236,6 +240,7 @@ class Bench:
         *,
         claims: bool = True,
         attach: Callable[[Daemon], Callable[[], None]] | None = None,
+        command: list[str] | None = None,
     ) -> dict[str, Any]:
         """One run of a worker over N messages written while it waits on its feed.
 
@@ -262,6 +267,7 @@ class Bench:
                 database,
                 max_parallel,
                 claims=claims,
+                command=command,
             )
         try:
             daemon.wait_ready()

@@ -13,10 +13,14 @@ with one command a line and one JSON answer a line:
     answer at once.
 ``times``
     the acceptance time of every message, by recipient.
+``quota R``
+    from now on answer DATA with Amazon SES's "454 Throttling failure" when
+    R messages were already accepted in the last second (0: no quota).
 ``quit``
     stop.
 
-Answers carry ``count`` (messages accepted), ``connections`` (sessions
+Answers carry ``count`` (messages accepted), ``throttled`` (454s sent),
+``connections`` (sessions
 opened), ``first_connection``, ``first`` and ``last`` (``time.monotonic()``
 of the first connection, the first acceptance and the acceptance of the Nth
 message). CLOCK_MONOTONIC is one clock for every process on the machine, so
@@ -53,6 +57,8 @@ class _State:
         self.accepted: list[tuple[str, float]] = []
         self.connections = 0
         self.first_connection: float | None = None
+        self.quota = 0.0
+        self.throttled = 0
 
     def summary(self, n: int | None = None) -> dict[str, Any]:
         with self.lock:
@@ -60,6 +66,7 @@ class _State:
             nth = min(count, n) if n else count
             return {
                 "count": count,
+                "throttled": self.throttled,
                 "connections": self.connections,
                 "first_connection": self.first_connection,
                 "first": self.accepted[0][1] if count else None,
@@ -75,9 +82,22 @@ class _Handler:
         now = time.monotonic()
         rcpt = envelope.rcpt_tos[0] if envelope.rcpt_tos else ""
         with self.state.lock:
+            if self.state.quota and _in_last_second(self.state.accepted, now) >= self.state.quota:
+                self.state.throttled += 1
+                return "454 Throttling failure: Maximum sending rate exceeded."
             self.state.accepted.append((rcpt, now))
             self.state.lock.notify_all()
         return "250 OK"
+
+
+def _in_last_second(accepted: list[tuple[str, float]], now: float) -> int:
+    """How many acceptances fall in (now - 1 s, now]; the list is in time order."""
+    count = 0
+    for _, at in reversed(accepted):
+        if at <= now - 1.0:
+            break
+        count += 1
+    return count
 
 
 class _CountingSMTP(SMTP):
@@ -117,6 +137,7 @@ def main() -> None:
                     state.accepted.clear()
                     state.connections = 0
                     state.first_connection = None
+                    state.throttled = 0
                 answer = state.summary()
             elif command == "wait":
                 wanted, timeout = int(args[0]), float(args[1])
@@ -130,6 +151,10 @@ def main() -> None:
             elif command == "times":
                 with state.lock:
                     answer = {"accepted": list(state.accepted)}
+            elif command == "quota":
+                with state.lock:
+                    state.quota = float(args[0])
+                answer = state.summary()
             elif command == "quit":
                 break
             else:

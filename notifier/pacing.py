@@ -2,9 +2,11 @@
 
 Two pure cores and a thin async shell:
 
-* :class:`RateLimit` spaces grants at least ``1 / rate`` seconds apart (a
-  token bucket that holds one token): at ``rate`` R no window of one second
-  ever holds more than R sends, which is how relays count their quotas.
+* :class:`RateLimit` grants on a grid ``1 / rate`` seconds apart (a token
+  bucket that holds one token): at ``rate`` R no window of one second holds
+  more than R grants, which is how relays count their quotas. A grant taken
+  a little late (the event loop's timers have millisecond resolution) does
+  not push the grid back, so lateness never lowers the rate.
 * :class:`AdaptiveRate` lowers the rate on a throttling reply and raises it
   back once the relay stops complaining: halve at once (at most once per
   second, so that the replies of one burst count once), then add a tenth of
@@ -18,6 +20,12 @@ Two pure cores and a thin async shell:
 ``max_rate / worker_count``: documents are spread evenly over the workers by
 the hash of their id, so the shares add up to the configured rate. Domain
 rates are split the same way; a domain's concurrency limit is per worker.
+
+Sends are paced at :data:`HEADROOM` (95%) of a configured rate. A relay
+counts a message when its transaction ends, not when it starts: a send
+whose transaction took a little longer than the next one's (a new
+connection, a busy relay) would otherwise land in the same second as one
+too many. The 5% leave 50 ms of such difference at any rate.
 
 With no limit configured and no throttling seen, the shell does no work per
 send beyond a dictionary lookup.
@@ -41,18 +49,22 @@ INCREASE_EVERY = 1.0
 INCREASE_SHARE = 0.1
 #: Seconds over which the achieved rate is measured.
 OBSERVE_WINDOW = 2.0
+#: The share of a configured rate that sends are paced at (see above).
+HEADROOM = 0.95
 
 
 class RateLimit:
-    """Grants at most ``rate`` per second, at least ``1/rate`` seconds apart.
+    """Grants at most ``rate`` per second, on a grid ``1/rate`` seconds apart.
 
     >>> r = RateLimit(2.0)
     >>> r.delay(10.0); r.take(10.0); r.delay(10.1)
     0.0
     0.4
-    >>> r.take(10.5); r.delay(10.7)
+    >>> r.take(10.51); r.delay(10.7)     # 10 ms late: the grid stays at 11.0
     0.3
 
+    After an idle spell (more than one interval late) the grid starts again
+    from now, so no burst makes up for time nobody wanted to send in.
     ``rate`` None means no limit. O(1) per call.
     """
 
@@ -78,11 +90,13 @@ class RateLimit:
         return round(max(0.0, self._next - now), 9)
 
     def take(self, now: float) -> None:
-        """Record a grant at ``now``; the next one is due ``1/rate`` later."""
+        """Record a grant at ``now``; the next is due one interval after this grid point."""
         if self.rate is None:
             return
         self._check(now)
-        self._next = max(now, self._next) + 1.0 / self.rate
+        interval = 1.0 / self.rate
+        late = now - self._next
+        self._next = (now if late > interval else self._next) + interval
 
     def _check(self, now: float) -> None:
         # A grant taken before it was due would break the promise above.
@@ -214,9 +228,12 @@ class Pacer:
         self.adaptive = AdaptiveRate(rate)
         self._clock = clock
         self._sleep = sleep
-        self._lane = _Lane(rate)
+        self._lane = _Lane(None if rate is None else rate * HEADROOM)
         self._domains = dict(domains or {})
-        self._domain_lanes = {d: _Lane(lim.max_rate) for d, lim in self._domains.items()}
+        self._domain_lanes = {
+            d: _Lane(None if lim.max_rate is None else lim.max_rate * HEADROOM)
+            for d, lim in self._domains.items()
+        }
         self._domain_slots = {
             d: asyncio.Semaphore(lim.max_parallel)
             for d, lim in self._domains.items()
@@ -252,8 +269,9 @@ class Pacer:
         now = self._clock()
         self.adaptive.refresh(now=now)
         if self.adaptive.limit is not None:
-            if self._lane.limit.rate != self.adaptive.limit:
-                self._lane.limit.set_rate(self.adaptive.limit)
+            pace = self.adaptive.limit * HEADROOM
+            if self._lane.limit.rate != pace:
+                self._lane.limit.set_rate(pace)
             if self._lane.limit.delay(now) > 0 or self._lane.lock.locked():
                 self.waits += 1
             await self._lane.turn(self._clock, self._sleep)
