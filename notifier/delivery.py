@@ -115,10 +115,10 @@ class Delivery:
             if not still_ours():
                 self._release(probe)
                 raise Abandoned
+            slots = await self.pacer.turn(domain)
             try:
-                async with self.pacer.slot(domain):
-                    started = self._clock()
-                    receipt = await self._handler.deliver(doc)
+                started = self._clock()
+                receipt = await self._handler.deliver(doc)
             except PermanentDeliveryError as e:
                 self._answered(probe)
                 return Refused(str(e))
@@ -151,6 +151,8 @@ class Delivery:
             except Exception as e:
                 self._release(probe)
                 return self._crashed(doc, e)
+            finally:
+                self.pacer.done(slots)
             self._answered(probe)
             if self.on_delivered is not None:
                 self.on_delivered(self._clock() - started)

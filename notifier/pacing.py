@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -239,7 +238,9 @@ class Pacer:
             for d, lim in self._domains.items()
             if lim.max_parallel is not None
         }
-        self._recent: deque[float] = deque()
+        self._sends = 0
+        self._window_at = clock()
+        self._window_sends = 0
         self.waits = 0
 
     def __repr__(self) -> str:
@@ -250,17 +251,44 @@ class Pacer:
         """The overall rate paced at now (None: none)."""
         return self.adaptive.limit
 
+    async def turn(self, domain: str) -> asyncio.Semaphore | None:
+        """Wait for this send's turn. Returns the domain's concurrency slot, held,
+        for :meth:`done` to give back after the send (None: the domain has none).
+
+        With no limit and no throttling seen, this only counts the send.
+        """
+        if not self._limited:
+            self._count_send()
+            return None
+        slots = self._domain_slots.get(domain)
+        if slots is not None:
+            await slots.acquire()
+        try:
+            await self._paced(domain)
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
+        return slots
+
+    @staticmethod
+    def done(slots: asyncio.Semaphore | None) -> None:
+        """The send that :meth:`turn` let go has ended."""
+        if slots is not None:
+            slots.release()
+
     @asynccontextmanager
     async def slot(self, domain: str) -> AsyncIterator[None]:
-        """Wait for this send's turn; hold the domain's concurrency while it runs."""
-        slots = self._domain_slots.get(domain)
-        if slots is None:
-            await self._paced(domain)
+        """``async with pacer.slot(domain):`` around one send (:meth:`turn`, :meth:`done`)."""
+        slots = await self.turn(domain)
+        try:
             yield
-            return
-        async with slots:
-            await self._paced(domain)
-            yield
+        finally:
+            self.done(slots)
+
+    @property
+    def _limited(self) -> bool:
+        return bool(self._domains) or self.adaptive.limit is not None
 
     async def _paced(self, domain: str) -> None:
         lane = self._domain_lanes.get(domain)
@@ -275,24 +303,23 @@ class Pacer:
             if self._lane.limit.delay(now) > 0 or self._lane.lock.locked():
                 self.waits += 1
             await self._lane.turn(self._clock, self._sleep)
-        if self.adaptive.ceiling is None:
-            self._observe(self._clock())
+        self._count_send()
 
     def throttled(self) -> None:
         """A throttling reply: slow down."""
         now = self._clock()
         self.adaptive.throttled(now=now, observed=self._observed(now))
 
-    def _observe(self, now: float) -> None:
-        # Only needed to know what "slower" means when no rate is configured.
-        self._recent.append(now)
-        while self._recent and self._recent[0] < now - OBSERVE_WINDOW:
-            self._recent.popleft()
+    def _count_send(self) -> None:
+        # What "slower" means when no rate is configured: the pace of the last
+        # few seconds, from a count and the time it started (no list per send).
+        self._sends += 1
+        now = self._clock()
+        if now - self._window_at > 2 * OBSERVE_WINDOW:
+            self._window_at, self._window_sends = now - OBSERVE_WINDOW, self._sends - 1
 
     def _observed(self, now: float) -> float:
-        while self._recent and self._recent[0] < now - OBSERVE_WINDOW:
-            self._recent.popleft()
-        return len(self._recent) / OBSERVE_WINDOW
+        return (self._sends - self._window_sends) / max(now - self._window_at, OBSERVE_WINDOW)
 
 
 def recipient_domain(address: object) -> str:

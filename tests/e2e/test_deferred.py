@@ -68,9 +68,7 @@ async def test_a_restart_while_messages_are_deferred_sends_each_once_when_due(
     smtp_sink.reject = lambda info: "451 4.3.0 try again later"
     # The first retry is due 2 s after the failure: after the stop below.
     # (More refusals than outage_recipients would pause the relay instead.)
-    config = make_config(
-        delivery={"retry_first": 2.0, "retry_max": 4.0, "outage_recipients": 100}
-    )
+    config = make_config(delivery={"retry_first": 2.0, "retry_max": 4.0, "outage_recipients": 100})
     first = await run_until(config, lambda: all(RETRY in couch.get(i) for i in ids), timeout=30)
     assert first.stats.deferred == 20
     assert smtp_sink.messages == []

@@ -225,3 +225,20 @@ def test_domains_are_lower_case_and_missing_ones_empty() -> None:
     assert recipient_domain("A@B.Example") == "b.example"
     assert recipient_domain("no-at-sign") == "no-at-sign"
     assert recipient_domain(42) == ""
+
+
+async def test_a_throttle_with_no_rate_set_halves_the_pace_of_the_last_seconds() -> None:
+    t = VirtualTime()
+    pacer = Pacer(clock=t.clock, sleep=t.sleeper())
+    for _ in range(40):  # 40 a second for three seconds, unpaced
+        t.now += 1 / 40
+        async with pacer.slot("example.com"):
+            pass
+    t.now += 1 / 40
+    for _ in range(80):
+        async with pacer.slot("example.com"):
+            pass
+        t.now += 1 / 40
+    assert pacer.waits == 0, "nothing was paced"
+    pacer.throttled()
+    assert pacer.limit == pytest.approx(20.0, rel=0.15)
