@@ -159,13 +159,20 @@ class Delivery:
             return Sent(receipt)
 
     async def _turn(self) -> bool:
-        """Wait until the breaker lets this message go; True if it goes as the probe."""
+        """Wait until the breaker lets this message go; True if it goes as the probe.
+
+        A message that may go now goes, even while the worker stops (the drain
+        lets what is in flight finish); one that would have to wait for the
+        relay is given up instead.
+        """
         while True:
-            if self._stopping.is_set():
-                raise Abandoned
             permit = self.breaker.permit(self._clock())
             if permit.gate is Gate.SEND:
                 return False
+            if self._stopping.is_set():
+                if permit.gate is Gate.PROBE:
+                    self.breaker.release_probe()
+                raise Abandoned
             if permit.gate is Gate.PROBE:
                 log.info("probing the relay with one message")
                 return True

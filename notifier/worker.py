@@ -366,15 +366,11 @@ class Worker:
         await self.delivery.check()
         if self._stopping.is_set():
             return
-        follower = asyncio.create_task(self._follow(0 if since is None else since))
+        follower = asyncio.create_task(self._intake(0 if since is None else since))
         # The lease is renewed by the same kind of task as the checkpoint
         # timer; renewal stops with it, and the lease is released after the
-        # final checkpoint. The look for due messages is intake, stopped
-        # with the follower.
-        timers = [
-            asyncio.create_task(self._checkpoint_timer()),
-            asyncio.create_task(self._look_for_due()),
-        ]
+        # final checkpoint.
+        timers = [asyncio.create_task(self._checkpoint_timer())]
         if self._lease is not None:
             timers.append(asyncio.create_task(self._lease.keep()))
         for task in (follower, *timers):
@@ -473,6 +469,23 @@ class Worker:
         self._on_background_done(task)
 
     # -- intake --------------------------------------------------------------
+
+    async def _intake(self, since: object) -> None:
+        """Take in work until cancelled: the feed's rows, and deferred messages as
+        they come due. Both stop together, first, at shutdown; the first error
+        of either is raised."""
+        sources = [
+            asyncio.create_task(self._follow(since)),
+            asyncio.create_task(self._look_for_due()),
+        ]
+        try:
+            done, _ = await asyncio.wait(sources, return_when=asyncio.FIRST_EXCEPTION)
+            for source in done:
+                source.result()
+        finally:
+            for source in sources:
+                source.cancel()
+            await asyncio.gather(*sources, return_exceptions=True)
 
     async def _follow(self, since: object) -> None:
         rows = self.feed.follow(since)
