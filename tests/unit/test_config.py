@@ -168,3 +168,66 @@ def test_a_bad_metrics_address_is_named(listen: str) -> None:
             source="<x>",
             environ={},
         )
+
+
+def test_delivery_and_pacing_keys_are_read_and_checked(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    loaded = config.from_mapping(
+        {
+            "email": {"sender": "n@example.com"},
+            "smtp": {
+                "security": "starttls",
+                "ca_file": "ca.pem",
+                "max_rate": 14,
+                "domains": {"Example.NET": {"max_parallel": 2}, "slow.example": {"max_rate": 1}},
+            },
+            "delivery": {"retry_first": 30, "max_age": 86400},
+        },
+        environ={},
+        base_dir=tmp_path,
+    )
+    assert loaded.smtp.ca_file == str(ca), "relative to the config file"
+    assert loaded.smtp.max_rate == 14.0
+    assert loaded.smtp.domains["example.net"].max_parallel == 2
+    assert loaded.smtp.domains["slow.example"].max_rate == 1.0
+    assert loaded.delivery.retry_first == 30.0 and loaded.delivery.max_age == 86400.0
+
+
+@pytest.mark.parametrize(
+    ("smtp", "delivery", "message"),
+    [
+        (
+            {"ca_file": "/nonexistent/ca.pem", "security": "tls"},
+            {},
+            r"\[smtp\] ca_file: cannot read",
+        ),
+        ({"client_key": "/etc/hostname", "security": "tls"}, {}, "client_key is set without"),
+        ({"ca_file": "/etc/hostname"}, {}, 'security is "none"'),
+        ({"max_rate": 0}, {}, r"\[smtp\] max_rate: expected a value greater than 0"),
+        ({"domains": {"a.example": {}}}, {}, "set max_parallel, max_rate or both"),
+        ({"domains": {"a.example": {"max_parallel": 0}}}, {}, "max_parallel: expected an integer"),
+        ({"domains": {"a.example": {"rate": 1}}}, {}, "rate: unknown key"),
+        ({"domains": {"user@a.example": {"max_rate": 1}}}, {}, "expected a domain name"),
+        ({}, {"retry_first": 600, "retry_max": 60}, "retry_first .600. must not exceed retry_max"),
+        ({}, {"max_age": 0}, r"\[delivery\] max_age: expected a value greater than 0"),
+        ({}, {"probe_first": 10, "probe_max": 5}, "probe_first .10. must not exceed probe_max"),
+    ],
+)
+def test_delivery_and_pacing_mistakes_are_named(
+    smtp: dict[str, object], delivery: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.from_mapping(
+            {"email": {"sender": "n@example.com"}, "smtp": smtp, "delivery": delivery},
+            environ={},
+        )
+
+
+def test_max_attempts_from_an_older_config_still_starts_with_a_warning() -> None:
+    loaded = config.from_mapping(
+        {"email": {"sender": "n@example.com"}, "smtp": {"max_attempts": 5}}, environ={}
+    )
+    (warning,) = loaded.warnings
+    assert "[smtp] max_attempts is no longer used" in warning
+    assert "[delivery] max_age" in warning
