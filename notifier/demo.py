@@ -522,7 +522,7 @@ def _config(target: _Target, smtp_host: str, smtp_port: int) -> Config:
         environ[COUCH_PASSWORD_ENV] = target.password or ""
     data: dict[str, Any] = {
         "couch": couch,
-        "smtp": {"host": smtp_host, "port": smtp_port, "timeout": 10.0, "max_attempts": 3},
+        "smtp": {"host": smtp_host, "port": smtp_port, "timeout": 10.0},
         "email": {"sender": SENDER, "sender_name": "notifier demo"},
         "worker": {
             "worker_count": WORKER_COUNT,
