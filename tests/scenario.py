@@ -76,6 +76,18 @@ def seed(couch: CouchTestDB, count: int, start: int = 0) -> list[str]:
     return [d["to"] for d in docs]
 
 
+#: [delivery]: a mail queue's minutes and hours, scaled down to test time.
+TEST_DELIVERY = {
+    "retry_first": 0.5,
+    "retry_max": 2.0,
+    "max_age": 60.0,
+    "scan_interval": 0.3,
+    "throttle_hold": 2.0,
+    "probe_first": 0.3,
+    "probe_max": 1.0,
+}
+
+
 def config_data(
     couch: CouchTestDB, sink: SmtpSink, overrides: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
@@ -92,16 +104,7 @@ def config_data(
         "smtp": {"host": sink.host, "port": sink.port, "timeout": 10.0},
         "email": {"sender": "notify@example.com"},
         "worker": {"max_parallel": 10, "checkpoint_interval": 0.3, "drain_timeout": 10.0},
-        # A mail queue's minutes and hours, scaled down to test time.
-        "delivery": {
-            "retry_first": 0.5,
-            "retry_max": 2.0,
-            "max_age": 60.0,
-            "scan_interval": 0.3,
-            "throttle_hold": 2.0,
-            "probe_first": 0.3,
-            "probe_max": 1.0,
-        },
+        "delivery": dict(TEST_DELIVERY),
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

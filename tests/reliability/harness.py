@@ -40,7 +40,7 @@ from urllib.parse import parse_qs
 
 import pytest
 from realservers import couch_settings
-from scenario import NOTIFIER, message, to_toml, wait_until
+from scenario import NOTIFIER, TEST_DELIVERY, message, to_toml, wait_until
 
 from notifier.checkpoint import checkpoint_id
 from notifier.couch import seq_param
@@ -103,16 +103,7 @@ def config_data(
         "smtp": {"host": sink.host, "port": sink.port, "timeout": 10.0},
         "email": {"sender": "notify@example.com"},
         "worker": {"max_parallel": 10, "checkpoint_interval": 0.3, "drain_timeout": 5.0},
-        # A mail queue's minutes and hours, scaled down to test time.
-        "delivery": {
-            "retry_first": 0.5,
-            "retry_max": 2.0,
-            "max_age": 60.0,
-            "scan_interval": 0.3,
-            "throttle_hold": 2.0,
-            "probe_first": 0.3,
-            "probe_max": 1.0,
-        },
+        "delivery": dict(TEST_DELIVERY),
     }
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
