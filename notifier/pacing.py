@@ -106,7 +106,12 @@ class AdaptiveRate:
     """Additive increase, multiplicative decrease of a send rate.
 
     ``ceiling`` is the configured rate (None: none). ``limit`` is what to
-    pace at now (None: do not pace).
+    pace at now (None: do not pace). A throttling reply halves the rate it
+    was sent at; each quiet second then adds a tenth of the ceiling, up to
+    it. With no ceiling each quiet second adds a tenth of the rate that was
+    halved, and the rate keeps rising until the relay objects again, so it
+    settles around the relay's quota (between half of it and all of it);
+    once it has doubled without an objection, pacing stops.
 
     >>> a = AdaptiveRate(10.0)
     >>> a.throttled(now=0.0, observed=10.0); a.limit
@@ -119,7 +124,7 @@ class AdaptiveRate:
     10.0
     """
 
-    __slots__ = ("_changed_at", "_decreased_at", "_target", "ceiling", "limit", "throttles")
+    __slots__ = ("_base", "_changed_at", "_decreased_at", "ceiling", "limit", "throttles")
 
     def __init__(self, ceiling: float | None) -> None:
         if ceiling is not None and not ceiling > 0:
@@ -127,7 +132,8 @@ class AdaptiveRate:
         self.ceiling = ceiling
         self.limit: float | None = ceiling
         self.throttles = 0
-        self._target = ceiling
+        #: The rate the latest decrease halved (with no ceiling, the steps are a tenth of it).
+        self._base = ceiling or 0.0
         self._decreased_at = float("-inf")
         self._changed_at = float("-inf")
 
@@ -146,27 +152,26 @@ class AdaptiveRate:
         self.throttles += 1
         if now - self._decreased_at < DECREASE_HOLD:
             return
-        if self.limit is None:
-            # No configured rate: the pace the relay objected to is the target.
-            self._target = max(observed, MIN_RATE * 2)
-            current = self._target
-        else:
-            current = self.limit
+        # Not paced yet: the pace the relay objected to is what it measured.
+        current = max(observed, MIN_RATE * 2) if self.limit is None else self.limit
+        self._base = current
         self.limit = max(MIN_RATE, current / 2)
         self._decreased_at = self._changed_at = now
         self._check()
 
     def refresh(self, *, now: float) -> None:
         """Raise the rate for each quiet ``INCREASE_EVERY`` seconds since the last change."""
-        if self.limit is None or self._target is None or self.limit == self.ceiling:
+        if self.limit is None or self.limit == self.ceiling:
             return
         steps = int((now - self._changed_at) / INCREASE_EVERY)
         if steps <= 0:
             return
-        self.limit += steps * INCREASE_SHARE * self._target
+        self.limit += steps * INCREASE_SHARE * (self.ceiling or self._base)
         self._changed_at += steps * INCREASE_EVERY
-        if self.limit >= self._target:
-            self.limit = self.ceiling  # back to the configured rate, or to none
+        if self.ceiling is not None:
+            self.limit = min(self.limit, self.ceiling)
+        elif self.limit >= 2 * self._base:
+            self.limit = None  # twice the old pace without an objection: no limit
         self._check()
 
     def _check(self) -> None:

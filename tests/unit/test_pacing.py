@@ -133,7 +133,25 @@ def test_a_throttle_without_a_configured_rate_halves_the_observed_one() -> None:
     a.refresh(now=13.0)
     assert a.limit == pytest.approx(32.0)  # +10% of 40 per quiet second
     a.refresh(now=20.0)
-    assert a.limit is None
+    assert a.limit == pytest.approx(60.0), "past the old pace: the relay has not objected yet"
+    a.refresh(now=25.0)
+    assert a.limit is None, "twice the old pace without an objection: no limit"
+
+
+def test_with_no_rate_set_the_pace_settles_around_the_relays_quota() -> None:
+    # A relay that objects whenever the pace is above its quota, checked each second.
+    quota = 50.0
+    a = AdaptiveRate(None)
+    paces = []
+    for second in range(300):
+        a.refresh(now=float(second))
+        pace = a.limit if a.limit is not None else 600.0  # unpaced: far above
+        if pace > quota:
+            a.throttled(now=second + 0.5, observed=pace)
+        paces.append(min(pace, quota))
+    settled = paces[60:]
+    assert quota / 2 <= min(settled)
+    assert sum(settled) / len(settled) >= 0.7 * quota
 
 
 class VirtualTime:
