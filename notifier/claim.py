@@ -16,7 +16,8 @@ over:
 
 * at once by a later run of the *same* worker slot (the slot's lease makes
   sure the earlier run is gone), or when the claim's process is known to be
-  gone (it ran on this host and its pid no longer exists);
+  gone (it ran in this pid namespace of this boot and no longer exists; see
+  :mod:`notifier.process`);
 * by any other worker once it has seen the claim unchanged for a whole
   ``claim_ttl`` (:class:`Watch`), on its own monotonic clock, in looks no
   more than a few seconds apart. Neither host's wall clock matters, and a
@@ -37,16 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from notifier import process
 from notifier.couch import CouchClient, Doc
-from notifier.lease import holder_is_gone, pid_alive
+from notifier.process import Alive, process_alive
 
 #: The document field that holds a claim.
 CLAIM = "notificationClaim"
@@ -82,17 +83,23 @@ class Claimant:
     host: str
     pid: int
     ttl: float
+    #: Where ``pid`` is valid and when it started (see :mod:`notifier.process`).
+    scope: str | None = None
+    start: int | None = None
 
     @classmethod
     def this_process(cls, worker: str, ttl: float) -> Claimant:
         if ttl <= 0:
             raise ValueError(f"claim ttl must be positive, got {ttl}")
+        me = process.identity()
         return cls(
             worker=worker,
             run_id=uuid.uuid4().hex,
             host=socket.gethostname(),
-            pid=os.getpid(),
+            pid=me["pid"],
             ttl=ttl,
+            scope=me["pid_scope"],
+            start=me["pid_start"],
         )
 
     def claim(self, now: float) -> dict[str, Any]:
@@ -102,6 +109,8 @@ class Claimant:
             "run": self.run_id,
             "host": self.host,
             "pid": self.pid,
+            "pid_scope": self.scope,
+            "pid_start": self.start,
             "ttl": self.ttl,
             "claimedAt": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds"),
             "expires_at": round(now + self.ttl, 3),
@@ -113,12 +122,10 @@ class Claimant:
         return isinstance(claim, Mapping) and claim.get("run") == self.run_id
 
 
-def assess(
-    doc: Mapping[str, Any], me: Claimant, *, alive: Callable[[int], bool] = pid_alive
-) -> Assessment:
+def assess(doc: Mapping[str, Any], me: Claimant, *, alive: Alive = process_alive) -> Assessment:
     """What ``me`` may do with the unsettled message ``doc``.
 
-    >>> me = Claimant(worker="0/3", run_id="r2", host="h1", pid=7, ttl=60.0)
+    >>> me = Claimant(worker="0/3", run_id="r2", host="h1", pid=7, ttl=60.0, scope="s1")
     >>> assess({}, me).verdict
     <Verdict.FREE: 'free'>
     >>> theirs = {"worker": "1/2", "run": "r1", "host": "h2", "pid": 5, "expires_at": 100.0}
@@ -126,9 +133,11 @@ def assess(
     Assessment(verdict=<Verdict.HELD: 'held'>, reason='claimed by worker 1/2 (h2 pid 5)')
     >>> assess({CLAIM: {**theirs, "worker": "0/3"}}, me).reason
     'the claim was left by an earlier run of this worker (h2 pid 5)'
-    >>> gone = {**theirs, "host": "h1"}
-    >>> assess({CLAIM: gone}, me, alive=lambda pid: False).reason
-    'the process of worker 1/2 (h1 pid 5) is gone'
+    >>> gone = {**theirs, "pid_scope": "s1"}
+    >>> assess({CLAIM: gone}, me, alive=lambda pid, start: False).reason
+    'the process of worker 1/2 (h2 pid 5) is gone'
+    >>> assess({CLAIM: {**theirs, "host": "h1"}}, me, alive=lambda pid, start: False).verdict
+    <Verdict.HELD: 'held'>
     >>> assess({CLAIM: {**theirs, "run": "r2"}}, me).verdict
     <Verdict.MINE: 'mine'>
     >>> assess({CLAIM: "?"}, me).reason
@@ -147,7 +156,7 @@ def assess(
             Verdict.ABANDONED, f"the claim was left by an earlier run of this worker ({who})"
         )
     holder = f"worker {claim.get('worker')} ({who})"
-    if holder_is_gone(claim, host=me.host, alive=alive):
+    if process.is_gone(claim, here=me.scope, alive=alive):
         return Assessment(Verdict.ABANDONED, f"the process of {holder} is gone")
     return Assessment(Verdict.HELD, f"claimed by {holder}")
 

@@ -29,7 +29,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,9 +36,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from notifier import process
 from notifier.couch import CouchClient, Doc, is_missing_database
 from notifier.errors import CouchError, CouchFatalError
-from notifier.lease import Lease, lease_state, parse_time, pid_alive
+from notifier.lease import Lease, lease_state, parse_time
+from notifier.process import Alive, process_alive
 from notifier.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,12 @@ def lease_is_live(
     *,
     now: float,
     here: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> bool:
     """Whether a process holds this lease at ``now``.
 
-    Not released, not expired, and (when ``here`` names this host) not held
-    by a process of this host that no longer exists.
+    Not released, not expired, and (when ``here`` is the reader's pid scope,
+    see :mod:`notifier.process`) not held by a process known to be gone.
 
     >>> lease_is_live({"run_id": "a", "expires_at": 130.0}, now=100.0)
     True
@@ -220,7 +221,7 @@ def running_layouts(
     *,
     now: float,
     here: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> dict[int, LayoutRun]:
     """The layouts with at least one live lease at ``now``, by worker count.
 
@@ -261,7 +262,7 @@ def newer_layouts(
     started_at: float,
     now: float,
     here: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> list[LayoutRun]:
     """The running layouts that started after the layout of ``worker_count``, oldest first.
 
@@ -332,7 +333,7 @@ def layout_states(
     now: float,
     retire_after: float,
     here: str | None = None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> dict[int, LayoutState]:
     """Every layout of ``docs``: running or not, when it last ran, current, retired.
 
@@ -399,7 +400,7 @@ class LayoutWatch:
         lease: Lease,
         interval: float = CHECK_INTERVAL,
         clock: Callable[[], float] = time.time,
-        alive: Callable[[int], bool] = pid_alive,
+        alive: Alive = process_alive,
     ) -> None:
         self._couch = couch
         self._checkpoint_database = checkpoint_database
@@ -409,7 +410,7 @@ class LayoutWatch:
         self._interval = interval
         self._clock = clock
         self._alive = alive
-        self._here = socket.gethostname()
+        self._here = process.SCOPE
         self._failing = False
         #: The newer layouts seen at the last successful check.
         self.newer: tuple[LayoutRun, ...] = ()

@@ -10,9 +10,10 @@ a 409.
 
 A second process finds the lease held and waits as a standby, re-checking
 until the holder releases it, lets it expire, or is seen to be gone: a holder
-on *this* host whose pid no longer exists (a crash, SIGKILL, before systemd
+whose process surely no longer exists (a crash, SIGKILL, before systemd
 restarts the unit) is taken over at once, so a restart does not wait out the
-TTL.
+TTL. Only a process in the same pid namespace of the same boot can tell
+that (:mod:`notifier.process`); anywhere else, only expiry does.
 
 The lease document also records when its slot ran: ``started_at`` (epoch
 seconds) is when the holding process took it, kept across renewals, and a
@@ -33,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
 import uuid
@@ -42,36 +42,49 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from notifier import process
 from notifier.checkpoint import checkpoint_id
 from notifier.couch import CouchClient, is_missing_database
 from notifier.errors import CouchFatalError, CouchTransientError, DocumentConflict, LeaseLost
+from notifier.process import Alive, process_alive
 from notifier.shard import Shard
 
 log = logging.getLogger(__name__)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """Who this process is, as written into the lease."""
+    """Who this process is, as written into the lease.
+
+    ``scope`` and ``start`` say where its pid is valid and when it started
+    (see :mod:`notifier.process`); without them nobody judges it gone.
+    """
 
     run_id: str
     host: str
     pid: int
+    scope: str | None = None
+    start: int | None = None
 
     @classmethod
     def this_process(cls) -> Holder:
-        return cls(run_id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid())
+        me = process.identity()
+        return cls(
+            run_id=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=me["pid"],
+            scope=me["pid_scope"],
+            start=me["pid_start"],
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """Who holds it, as the lease document says."""
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "pid_scope": self.scope,
+            "pid_start": self.start,
+        }
 
 
 def parse_time(value: Any) -> float | None:
@@ -105,12 +118,13 @@ def lease_state(
     *,
     now: float,
     here: str | None,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> LeaseState:
     """Whether anyone holds a lease at ``now``, and if not, why not.
 
-    ``gone``: its holder ran on ``here`` (this host) and its pid no longer
-    exists; with ``here=None`` that is not checked.
+    ``gone``: its holder's process surely no longer exists, as seen from the
+    pid scope ``here`` (:func:`notifier.process.is_gone`); with ``here=None``
+    that is not checked.
 
     >>> lease_state({"run_id": "a", "expires_at": 130.0}, now=100.0, here=None)
     'live'
@@ -126,7 +140,7 @@ def lease_state(
     expires_at = parse_time(lease.get("expires_at"))
     if expires_at is None or expires_at <= now:
         return "expired"
-    if here is not None and holder_is_gone(lease, host=here, alive=alive):
+    if process.is_gone(lease, here=here, alive=alive):
         return "gone"
     return "live"
 
@@ -136,11 +150,11 @@ def free_to_take(
     *,
     me: Holder,
     now: float,
-    alive: Callable[[int], bool] = pid_alive,
+    alive: Alive = process_alive,
 ) -> str | None:
     """Why the lease may be taken now, or ``None`` if someone else holds it.
 
-    >>> me = Holder(run_id="b", host="h1", pid=2)
+    >>> me = Holder(run_id="b", host="h1", pid=2, scope="s1")
     >>> free_to_take(None, me=me, now=100.0)
     'no lease yet'
     >>> held = {"run_id": "a", "host": "h2", "pid": 1, "expires_at": 130.0}
@@ -148,8 +162,9 @@ def free_to_take(
     True
     >>> free_to_take(held, me=me, now=131.0)
     'the lease expired'
-    >>> free_to_take({**held, "host": "h1"}, me=me, now=100.0, alive=lambda pid: False)
-    'its holder (pid 1 on this host) is gone'
+    >>> dead = {**held, "pid_scope": "s1"}
+    >>> free_to_take(dead, me=me, now=100.0, alive=lambda pid, start: False)
+    'its holder (h2 pid 1) is gone'
 
     A released lease is free at once, whatever the clocks say:
 
@@ -157,7 +172,7 @@ def free_to_take(
     >>> free_to_take(released, me=me, now=100.0)
     'it was released'
     """
-    state = lease_state(lease, now=now, here=me.host, alive=alive)
+    state = lease_state(lease, now=now, here=me.scope, alive=alive)
     if state == "missing":
         return "no lease yet"
     if state == "released":
@@ -168,7 +183,7 @@ def free_to_take(
     if state == "expired":
         return "the lease expired"
     if state == "gone":
-        return f"its holder (pid {lease.get('pid')} on this host) is gone"
+        return f"its holder ({lease.get('host')} pid {lease.get('pid')}) is gone"
     return None
 
 
@@ -184,17 +199,6 @@ def is_released(lease: Mapping[str, Any]) -> bool:
         and isinstance(released_at, int | float)
         and not isinstance(released_at, bool)
     )
-
-
-def holder_is_gone(
-    lease: Mapping[str, Any], *, host: str, alive: Callable[[int], bool] = pid_alive
-) -> bool:
-    """Whether the lease's holder ran on ``host`` and its process no longer exists.
-
-    Only a process on this host can be checked; elsewhere only expiry tells.
-    """
-    pid = lease.get("pid")
-    return lease.get("host") == host and isinstance(pid, int) and not alive(pid)
 
 
 def lease_id(database: str, shard: Shard) -> str:
@@ -221,7 +225,7 @@ class Lease:
         ttl: float = 30.0,
         holder: Holder | None = None,
         clock: Callable[[], float] = time.time,
-        alive: Callable[[int], bool] = pid_alive,
+        alive: Alive = process_alive,
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl}")
@@ -331,8 +335,7 @@ class Lease:
             "_id": self.doc_id,
             "_rev": rev,
             "released_at": now,
-            "host": self.holder.host,
-            "pid": self.holder.pid,
+            **self.holder.fields(),
             "worker_id": self._shard.worker_id,
             "worker_count": self._shard.worker_count,
             "started_at": self.started_at,
@@ -365,8 +368,7 @@ class Lease:
         doc: dict[str, Any] = {
             "_id": self.doc_id,
             "run_id": self.holder.run_id,
-            "host": self.holder.host,
-            "pid": self.holder.pid,
+            **self.holder.fields(),
             "worker_id": self._shard.worker_id,
             "worker_count": self._shard.worker_count,
             "started_at": started_at,

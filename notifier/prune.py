@@ -17,13 +17,13 @@ and marked messages are filtered out on the server.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 
+from notifier import process
 from notifier.config import Config
 from notifier.couch import CouchClient, doc_path
 from notifier.errors import CouchFatalError, DocumentConflict
@@ -182,7 +182,7 @@ async def prune_checkpoints(
         )
         layouts: list[LayoutPrune] = []
         if docs is not None:
-            states = layout_states(docs, now=at, retire_after=retire, here=socket.gethostname())
+            states = layout_states(docs, now=at, retire_after=retire, here=process.SCOPE)
             for count in docs.worker_counts:
                 layouts.append(
                     await _prune_layout(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
+from notifier import process
 from notifier.config import Config
 from notifier.couch import CouchClient, seq_param, short_reason
 from notifier.errors import CouchError
@@ -52,7 +52,7 @@ class LeaseInfo:
     renewed_at: str | None
     #: Seconds until expiry at the time of the report; negative once expired.
     expires_in: float | None
-    #: The holder is on this host and its pid no longer exists (a crash).
+    #: The holder's process is known to be gone (a crash; see notifier.process).
     holder_gone: bool
     #: When the (last) holder took the lease, epoch seconds.
     started_at: float | None = None
@@ -412,7 +412,7 @@ async def gather_status(
         results = await asyncio.gather(*(probe(s) for s in sinces.values()))
         pending = dict(zip(sinces, results, strict=True))
 
-    here = socket.gethostname()
+    here = process.SCOPE
     states = layout_states(docs, now=at, retire_after=retire, here=here)
     prefix = f"{c.database}.worker-"
     workers: dict[int, list[WorkerStatus]] = {}
@@ -509,7 +509,7 @@ async def _pending(
     return True, None, "the server does not report pending changes"
 
 
-def _lease(doc: Mapping[str, Any], now: float, here: str) -> LeaseInfo:
+def _lease(doc: Mapping[str, Any], now: float, here: str | None) -> LeaseInfo:
     expires = parse_time(doc.get("expires_at"))
     host, pid = _str(doc.get("host")), _int(doc.get("pid"))
     expires_in = None if expires is None else expires - now

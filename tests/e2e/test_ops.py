@@ -29,6 +29,7 @@ from realservers import couch_settings, unique_db_name
 from scenario import message
 
 from notifier import config as config_module
+from notifier import process
 from notifier.check import CheckReport, run_checks
 from notifier.checkpoint import CheckpointStore
 from notifier.config import Config
@@ -756,7 +757,9 @@ async def test_status_sees_a_crashed_holder_on_this_host(smtp_sink: SmtpSink) ->
             database=config.couch.checkpoint_database,
             source_database="messages",
             shard=Shard(worker_id=0, worker_count=1),
-            holder=Holder(run_id="gone", host=socket.gethostname(), pid=dead_pid),
+            holder=Holder(
+                run_id="gone", host=socket.gethostname(), pid=dead_pid, scope=process.SCOPE
+            ),
         )
         assert await lease.acquire(asyncio.Event())
     report = await gather_status(config, transport=backend.transport)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from support import DB, all_settled, assert_all_delivered_once, messages, running, seed
 
+from notifier import process
 from notifier.claim import CLAIM, ClaimPoller
 from notifier.couch import CouchClient, seq_param
 from notifier.metrics import Observability
@@ -32,10 +33,25 @@ from notifier.worker import NOTIFIED, RECORD, Worker
 pytestmark = pytest.mark.anyio
 
 HERE = socket.gethostname()
+SCOPE = process.SCOPE
 
 
-def claim_by(worker: str, *, expires_at: float, host: str = "elsewhere", pid: int = 1) -> Any:
-    return {"worker": worker, "run": "r-other", "host": host, "pid": pid, "expires_at": expires_at}
+def claim_by(
+    worker: str,
+    *,
+    expires_at: float,
+    host: str = "elsewhere",
+    pid: int = 1,
+    scope: str | None = "elsewhere-scope",
+) -> Any:
+    return {
+        "worker": worker,
+        "run": "r-other",
+        "host": host,
+        "pid": pid,
+        "pid_scope": scope,
+        "expires_at": expires_at,
+    }
 
 
 def claimed_message(fake: FakeCouch, n: int, claim: Any) -> str:
@@ -162,7 +178,7 @@ async def test_a_claim_whose_holder_is_known_to_be_gone_is_taken_over_at_once(
 ) -> None:
     far = time.time() + 600
     if left_by == "a process that is gone":
-        claim = claim_by("1/2", expires_at=far, host=HERE, pid=dead_pid())
+        claim = claim_by("1/2", expires_at=far, host=HERE, pid=dead_pid(), scope=SCOPE)
     else:
         claim = claim_by("0/1", expires_at=far)
     claimed_message(fake, 0, claim)
@@ -267,7 +283,7 @@ async def test_an_old_row_showing_a_claim_long_settled_is_not_a_takeover(
 ) -> None:
     # A layout that starts during an overlap reads rows written before the
     # other layout settled them: the row still shows that layout's claim.
-    gone = claim_by("1/2", expires_at=time.time() + 600, host=HERE, pid=dead_pid())
+    gone = claim_by("1/2", expires_at=time.time() + 600, host=HERE, pid=dead_pid(), scope=SCOPE)
     doc_id = claimed_message(fake, 0, gone)
     stale_row = fake.get(DB, doc_id)
     assert stale_row is not None

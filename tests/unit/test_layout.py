@@ -38,6 +38,7 @@ def held(host: str, started_at: float | None, *, expires_in: float = 20.0) -> di
         "run_id": f"{host}-{started_at}",
         "host": host,
         "pid": 1,
+        "pid_scope": f"{host}-scope",
         "expires_at": NOW + expires_in,
     }
     if started_at is not None:
@@ -130,14 +131,14 @@ def test_a_layout_without_started_at_or_started_with_mine_is_not_newer() -> None
     assert newer_layouts(leases, worker_count=2, started_at=5_000.0, now=NOW) == []
 
 
-def test_a_lease_whose_holder_is_gone_from_this_host_does_not_run() -> None:
+def test_a_lease_whose_holder_is_known_to_be_gone_does_not_run() -> None:
     leases = {(3, 0): held("here", 7_000.0)}
     gone = newer_layouts(
-        leases, worker_count=2, started_at=5e3, now=NOW, here="here", alive=lambda _: False
+        leases, worker_count=2, started_at=5e3, now=NOW, here="here-scope", alive=lambda *_: False
     )
     assert gone == []
     elsewhere = newer_layouts(
-        leases, worker_count=2, started_at=5e3, now=NOW, here="there", alive=lambda _: False
+        leases, worker_count=2, started_at=5e3, now=NOW, here="there-scope", alive=lambda *_: False
     )
     assert [run.worker_count for run in elsewhere] == [3]
 

@@ -50,9 +50,10 @@ def lease(
         source_database="messages",
         shard=SHARD,
         ttl=ttl,
-        holder=Holder(run_id=f"{host}-{pid}", host=host, pid=pid),
+        # One pid scope per host name here: a host's own pids can be judged.
+        holder=Holder(run_id=f"{host}-{pid}", host=host, pid=pid, scope=f"{host}-scope"),
         clock=clock,
-        alive=lambda _pid: alive,
+        alive=lambda _pid, _start: alive,
     )
 
 
