@@ -26,7 +26,9 @@ A holder that cannot renew before its lease expires (it was paused, or cut off
 from CouchDB) must assume another process took over: it raises
 :class:`~notifier.errors.LeaseLost` and the worker stops. Expiry uses the
 wall clock, so hosts sharing a database need synchronised clocks (NTP); the
-TTL (30 s by default) is far above ordinary skew.
+TTL (30 s by default) is far above ordinary skew. A 409 on a renewal is not
+a loss by itself (the previous attempt may have been applied and its answer
+lost): the lease is read again, and only another holder's run id in it is.
 """
 
 from __future__ import annotations
@@ -306,19 +308,30 @@ class Lease:
                     await asyncio.sleep(min(self.ttl / 10, 1.0))
 
     async def renew(self) -> None:
-        if self._clock() >= self.expires_at:
-            raise LeaseLost(
-                f"worker {self._shard}: the lease expired before it could be renewed "
-                "(the process was paused, or CouchDB unreachable); another process may "
-                "have taken over"
-            )
-        try:
-            await self._write({"_id": self.doc_id, "_rev": self._rev}, started_at=self.started_at)
-        except DocumentConflict:
-            raise LeaseLost(
-                f"worker {self._shard}: another process took over the lease "
-                f"{self._database}/{self.doc_id}"
-            ) from None
+        current: Mapping[str, Any] | None = {"_id": self.doc_id, "_rev": self._rev}
+        while True:
+            if self._clock() >= self.expires_at:
+                raise LeaseLost(
+                    f"worker {self._shard}: the lease expired before it could be renewed "
+                    "(the process was paused, or CouchDB unreachable); another process may "
+                    "have taken over"
+                )
+            try:
+                await self._write(current, started_at=self.started_at)
+                break
+            except DocumentConflict:
+                pass
+            # Not lost yet: an earlier attempt may have been applied and its
+            # answer lost. Only another holder's run id says it was taken.
+            current = await self._read()
+            holder = None if current is None else current.get("run_id")
+            if holder is not None and holder != self.holder.run_id:
+                assert current is not None
+                raise LeaseLost(
+                    f"worker {self._shard}: another process took over the lease "
+                    f"{self._database}/{self.doc_id} ({current.get('host')} pid "
+                    f"{current.get('pid')})"
+                )
         self.renewals += 1
 
     async def release(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from notifier.couch import CouchClient
@@ -110,6 +111,43 @@ async def test_a_holder_whose_lease_was_taken_over_cannot_renew(
     fake.put(DB, {**current, "run_id": "other"})
     with pytest.raises(LeaseLost, match="another process took over"):
         await old.renew()
+
+
+class AnswerLost(httpx.AsyncBaseTransport):
+    """Applies the next ``lost`` lease writes, then drops their answers."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.lost and request.method == "PUT" and request.url.path.endswith(".lease"):
+            self.lost -= 1
+            await response.aread()
+            raise httpx.ReadError("connection reset while reading the answer", request=request)
+        return response
+
+
+async def test_a_renewal_whose_answer_was_lost_is_retried_not_taken_for_a_loss() -> None:
+    fake = FakeCouch()
+    transport = AnswerLost(fake.transport())
+    async with CouchClient(url=IN_PROCESS_URL, transport=transport) as client:
+        clock = Clock()
+        holder = lease(client, clock, ttl=0.6)
+        assert await holder.acquire(asyncio.Event())
+        transport.lost = 1
+        keeping = asyncio.create_task(holder.keep())
+        # The first renewal is applied but its answer lost; its retry gets a
+        # 409 from its own write. The lease is still ours: keep renewing.
+        await asyncio.sleep(1.0)
+        assert transport.lost == 0
+        assert not keeping.done(), keeping.exception() if keeping.done() else None
+        keeping.cancel()
+        await asyncio.gather(keeping, return_exceptions=True)
+    doc = fake.get(DB, "messages.worker-0-of-2.lease")
+    assert doc is not None and doc["run_id"] == "host-a-1"
+    assert holder.renewals >= 2
 
 
 async def test_a_dead_holder_on_this_host_is_taken_over_at_once(
