@@ -307,15 +307,19 @@ class Lease:
                         log.warning("worker %s: lease renewal failed, retrying: %s", self._shard, e)
                     await asyncio.sleep(min(self.ttl / 10, 1.0))
 
+    def ensure_held(self) -> None:
+        """Raise LeaseLost once the lease's deadline has passed unrenewed."""
+        if self._clock() >= self.expires_at:
+            raise LeaseLost(
+                f"worker {self._shard}: the lease expired before it could be renewed "
+                "(the process was paused, or CouchDB unreachable); another process may "
+                "have taken over"
+            )
+
     async def renew(self) -> None:
         current: Mapping[str, Any] | None = {"_id": self.doc_id, "_rev": self._rev}
         while True:
-            if self._clock() >= self.expires_at:
-                raise LeaseLost(
-                    f"worker {self._shard}: the lease expired before it could be renewed "
-                    "(the process was paused, or CouchDB unreachable); another process may "
-                    "have taken over"
-                )
+            self.ensure_held()
             try:
                 await self._write(current, started_at=self.started_at)
                 break

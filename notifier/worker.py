@@ -63,6 +63,7 @@ from notifier.errors import (
     CouchTransientError,
     DocumentConflict,
     DocumentRefused,
+    LeaseLost,
 )
 from notifier.feed import Change, ChangeFeed
 from notifier.handler import Handler
@@ -328,20 +329,26 @@ class Worker:
         """Follow the feed until :meth:`stop`; then shut down in order.
 
         Raises the first fatal error (CouchDB auth, missing database, SMTP
-        login) after the same orderly shutdown.
+        login, the lease lost) after the same orderly shutdown.
         """
         # Fail fast, and with a clear message, on a wrong URL, credentials or
         # database name, before anything else is read or written.
         await self._couch.database_info(self.settings.database)
         if self._lease is None:
-            await self._run()
+            await self._run([])
             return
         self.phase = "standby"
         if not await self._lease.acquire(self._stopping):
             return  # stopped while waiting as a standby
+        # Renewed from the moment it is taken: reading the checkpoint and an
+        # SMTP login can outlast the lease.
+        keeper = asyncio.create_task(self._lease.keep())
+        keeper.add_done_callback(self._on_background_done)
         try:
-            await self._run()
+            await self._run([keeper])
         finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
             # 5. Give up the lease last, so a standby starts from our final
             # checkpoint; bounded, like the checkpoint, by systemd's stop timeout.
             try:
@@ -353,7 +360,8 @@ class Worker:
                     e,
                 )
 
-    async def _run(self) -> None:
+    async def _start_up(self) -> object:
+        """Read the checkpoint and check the handler; return where to start."""
         s = self.settings
         # Read only now: while this process waited for the lease, the previous
         # holder may have moved the checkpoint.
@@ -364,17 +372,29 @@ class Worker:
             log.info("worker %s: resuming from checkpoint %r", s.shard, since)
         await self._due.prepare()
         await self.delivery.check()
+        return 0 if since is None else since
+
+    async def _run(self, timers: list[asyncio.Task[None]]) -> None:
+        # A stop, or the lease lost, while starting up ends the start-up.
+        start = asyncio.ensure_future(self._start_up())
+        woken = asyncio.ensure_future(self._wake.wait())
+        await asyncio.wait({start, woken}, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+        if self._fatal is not None:
+            raise self._fatal
+        since = start.result()  # a start-up error propagates: fail fast
         if self._stopping.is_set():
             return
-        follower = asyncio.create_task(self._intake(0 if since is None else since))
-        # The lease is renewed by the same kind of task as the checkpoint
-        # timer; renewal stops with it, and the lease is released after the
-        # final checkpoint.
-        timers = [asyncio.create_task(self._checkpoint_timer())]
-        if self._lease is not None:
-            timers.append(asyncio.create_task(self._lease.keep()))
-        for task in (follower, *timers):
+        follower = asyncio.create_task(self._intake(since))
+        # The lease keeper (given) stops with the checkpoint timer, and the
+        # lease is released after the final checkpoint.
+        checkpointer = asyncio.create_task(self._checkpoint_timer())
+        for task in (follower, checkpointer):
             task.add_done_callback(self._on_background_done)
+        timers = [checkpointer, *timers]
         self.phase = "running"
         try:
             await self._wake.wait()
@@ -452,6 +472,16 @@ class Worker:
             self._checkpoints.writes,
             self._checkpoints.saved,
         )
+
+    def _may_send(self) -> bool:
+        """Whether a new send may start: never after a fatal error (the lease
+        lost above all), nor on a lease whose deadline passed unrenewed."""
+        if self._fatal is None and self._lease is not None:
+            try:
+                self._lease.ensure_held()
+            except LeaseLost as e:
+                self._fail(e)
+        return self._fatal is None
 
     def _fail(self, error: BaseException) -> None:
         if self._fatal is None:
@@ -731,7 +761,7 @@ class Worker:
     async def _deliver_claimed(self, claimed: _Claimed) -> Outcome:
         """Attempt delivery while a keeper renews our claim every third of its ttl."""
         if self.claimant is None or not self.claimant.owns(claimed.doc):
-            return await self.delivery.attempt(claimed.doc)
+            return await self.delivery.attempt(claimed.doc, still_ours=self._may_send)
         every = self.claimant.ttl / 3
         keeper: asyncio.Task[None] | None = None
 
@@ -743,7 +773,9 @@ class Worker:
         # them less than a task.
         timer = asyncio.get_running_loop().call_later(every, start_keeper)
         try:
-            return await self.delivery.attempt(claimed.doc, still_ours=lambda: not claimed.lost)
+            return await self.delivery.attempt(
+                claimed.doc, still_ours=lambda: not claimed.lost and self._may_send()
+            )
         except Abandoned:
             if claimed.lost:
                 raise _ClaimLost from None
