@@ -246,6 +246,8 @@ class Lease:
         self.started_at: float | None = None
         #: Set once this process has taken the lease.
         self.taken = asyncio.Event()
+        #: While waiting as a standby: who holds the lease ("HOST pid N").
+        self.standing_by: str | None = None
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -258,24 +260,38 @@ class Lease:
     async def acquire(self, stopping: asyncio.Event) -> bool:
         """Take the lease, waiting as a standby while another live process holds it.
 
-        Returns ``False`` if ``stopping`` was set first.
+        Returns ``False`` if ``stopping`` was set first. Once it stands by,
+        a CouchDB outage is waited out rather than ending the process: a
+        standby is a healthy service (systemd must not restart it).
         """
-        waiting_for: str | None = None
+        failing = False
         while not stopping.is_set():
-            current = await self._read()
-            reason = free_to_take(current, me=self.holder, now=self._clock(), alive=self._alive)
-            if reason is not None:
-                try:
-                    await self._write(current)
-                except DocumentConflict:
-                    continue  # another process won the race for it: look again
-                log.info("worker %s: took the lease (%s)", self._shard, reason)
-                self.taken.set()
-                return True
+            try:
+                current = await self._read()
+                reason = free_to_take(current, me=self.holder, now=self._clock(), alive=self._alive)
+                if reason is not None:
+                    try:
+                        await self._write(current)
+                    except DocumentConflict:
+                        continue  # another process won the race for it: look again
+                    log.info("worker %s: took the lease (%s)", self._shard, reason)
+                    self.standing_by = None
+                    self.taken.set()
+                    return True
+            except CouchTransientError as e:
+                if self.standing_by is None:
+                    raise  # not yet started: fail fast, as every start-up step does
+                if not failing:
+                    failing = True
+                    log.warning("worker %s: standby cannot read the lease: %s", self._shard, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=self.STANDBY_POLL)
+                continue
+            failing = False
             assert current is not None
             who = f"{current.get('host')} pid {current.get('pid')}"
-            if waiting_for != who:
-                waiting_for = who
+            if self.standing_by != who:
+                self.standing_by = who
                 log.warning(
                     "worker %s is already running on %s; waiting as a standby until it stops "
                     "or its lease expires (check for a duplicate --worker-id)",

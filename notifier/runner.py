@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import httpx
@@ -42,8 +44,8 @@ from notifier.worker import Worker, WorkerSettings
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 130
-#: Seconds between STATUS= updates to systemd.
-STATUS_INTERVAL = 5.0
+#: Seconds between looks at the status line; STATUS= is sent when it changed.
+STATUS_INTERVAL = 0.25
 
 
 def settings_from_config(config: Config, shard: Shard) -> WorkerSettings:
@@ -171,23 +173,32 @@ async def run_worker(
 
 
 async def _report_to_systemd(worker: Worker, systemd: SystemdNotifier) -> None:
-    """READY=1 once the worker runs; STATUS= lines, and watchdog pings from the loop."""
+    """READY=1 once the worker runs or stands by; STATUS= when it changes;
+    watchdog pings from the loop."""
     if not systemd.enabled:
         return
-    interval = min(STATUS_INTERVAL, systemd.watchdog_interval or STATUS_INTERVAL)
     ready = False
+    status = ""
+    pinged = -math.inf
     while True:
-        fields = {"STATUS": worker.status_line()}
-        if worker.ready.is_set() and not ready:
+        fields: dict[str, str] = {}
+        line = worker.status_line()
+        if line != status:
+            status = fields["STATUS"] = line
+        # A standby is a started, healthy service too: without READY=1,
+        # systemd would kill it at the start timeout and restart it forever.
+        if not ready and (worker.ready.is_set() or worker.standing_by is not None):
             ready = True
             fields["READY"] = "1"
-        if systemd.watchdog_interval is not None:
+        now = time.monotonic()
+        if systemd.watchdog_interval is not None and now - pinged >= systemd.watchdog_interval:
             # Sent from the event loop itself: if the loop hangs, pings stop
             # and systemd restarts the service.
+            pinged = now
             fields["WATCHDOG"] = "1"
-        systemd.notify(**fields)
-        # Check readiness often until it is reached, then settle to the interval.
-        await asyncio.sleep(interval if ready else min(interval, 0.2))
+        if fields:
+            systemd.notify(**fields)
+        await asyncio.sleep(STATUS_INTERVAL)
 
 
 def _install_signal_handlers(worker: Worker, systemd: SystemdNotifier) -> None:

@@ -294,8 +294,20 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    @property
+    def standing_by(self) -> str | None:
+        """While a standby: who holds this worker's lease ("HOST pid N")."""
+        if self.phase != "standby" or self._lease is None:
+            return None
+        return self._lease.standing_by
+
     def status_line(self) -> str:
         """One line of live counts (systemd's STATUS=, logs)."""
+        if (holder := self.standing_by) is not None:
+            return (
+                f"standby: worker {self.settings.shard} runs on {holder}; "
+                "taking over when it stops or its lease expires"
+            )
         st = self.stats
         feed = "connected" if self.feed.connected else "disconnected"
         paused = ", relay paused" if self.delivery.paused else ""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import configparser
+import contextlib
 import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,14 @@ from scenario import NOTIFIER
 
 from notifier import cli
 from notifier.config import WorkerConfig
+from notifier.runner import run_worker
+from notifier.shard import Shard
 from notifier.systemd import SystemdNotifier
-from notifier.worker import FINAL_CHECKPOINT_TIMEOUT
+from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
+from notifier.testing.plugin import config_for_tests
+from notifier.testing.smtp import SmtpSink
+from notifier.testing.worker import wait_for
+from notifier.worker import FINAL_CHECKPOINT_TIMEOUT, Worker
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 
@@ -123,3 +132,116 @@ def test_the_watchdog_is_pinged_at_half_its_deadline_and_only_for_this_pid() -> 
     assert SystemdNotifier(environ={"WATCHDOG_USEC": "10000000"}).watchdog_interval == 5.0
     other = SystemdNotifier(environ={"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None
+
+
+class Notifications:
+    """What the worker told "systemd": every datagram on NOTIFY_SOCKET, with its time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self.received: list[tuple[float, dict[str, str]]] = []
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self._sock, 65536)
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.received.append((time.monotonic(), fields))
+
+    async def first(self, key: str, *, containing: str = "", timeout: float = 10.0) -> float:
+        """When a datagram with ``key`` (its value containing ``containing``) arrived."""
+
+        def found() -> float | None:
+            return next((at for at, f in self.received if key in f and containing in f[key]), None)
+
+        await wait_for(lambda: found() is not None, timeout=timeout, interval=0.01)
+        at = found()
+        assert at is not None
+        return at
+
+    def statuses(self) -> list[str]:
+        return [f["STATUS"] for _, f in self.received if "STATUS" in f]
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@pytest.fixture
+async def notifications(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Notifications]:
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.getsockname())
+    watched = Notifications(notify_socket)
+    yield watched
+    await watched.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    fake_couch: FakeCouch, smtp_sink: SmtpSink
+) -> AsyncIterator[asyncio.Task[Worker]]:
+    config = config_for_tests(IN_PROCESS_URL, smtp_sink)
+    stop: list[Worker] = []
+    task = asyncio.create_task(
+        run_worker(
+            config,
+            Shard(worker_id=0, worker_count=1),
+            handle_signals=False,
+            transport=fake_couch.transport(),
+            on_start=stop.append,
+        )
+    )
+    try:
+        yield task
+    finally:
+        for worker in stop:
+            worker.stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.mark.anyio
+async def test_a_standby_is_a_started_service_that_says_so_and_takes_over(
+    fake_couch: FakeCouch, smtp_sink: SmtpSink, notifications: Notifications
+) -> None:
+    fake_couch.create_database("workersequences")
+    fake_couch.put(
+        "workersequences",
+        {
+            "_id": "messages.worker-0-of-1.lease",
+            "run_id": "theirs",
+            "host": "mail-2",
+            "pid": 4242,
+            "expires_at": time.time() + 600,
+        },
+    )
+    fake_couch.put("messages", {"_id": "m1", "to": "ann@example.com", "subject": "s", "body": "b"})
+    async with running_worker(fake_couch, smtp_sink):
+        # READY=1 while it stands by: systemd must count it as started, or
+        # it kills it at the start timeout and restarts it, forever.
+        await notifications.first("READY")
+        (ready,) = [f for _, f in notifications.received if "READY" in f]
+        assert ready["STATUS"].startswith("standby: worker 0/1 runs on mail-2 pid 4242")
+        assert smtp_sink.messages == []
+        lease = fake_couch.get("workersequences", "messages.worker-0-of-1.lease")
+        assert lease is not None
+        fake_couch.put("workersequences", {**lease, "expires_at": time.time() - 1})
+        await notifications.first("STATUS", containing="running: 1 sent")
+    assert [f for _, f in notifications.received if "READY" in f] == [ready]
+
+
+@pytest.mark.anyio
+async def test_status_tells_systemd_of_a_change_at_once(
+    fake_couch: FakeCouch, smtp_sink: SmtpSink, notifications: Notifications
+) -> None:
+    async with running_worker(fake_couch, smtp_sink):
+        ready_at = await notifications.first("READY")
+        fake_couch.put(
+            "messages", {"_id": "m1", "to": "ann@example.com", "subject": "s", "body": "b"}
+        )
+        await smtp_sink.await_count(1, timeout=10)
+        sent_at = time.monotonic()
+        status_at = await notifications.first("STATUS", containing="1 sent")
+    assert status_at - sent_at < 1.0, (status_at - ready_at, notifications.statuses())

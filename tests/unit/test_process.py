@@ -107,6 +107,7 @@ def test_a_live_holder_in_another_pid_namespace_with_the_same_host_name_is_never
         took, lease = asyncio.run(standby())
     assert took is False, "the lease of a live holder was taken"
     assert not lease.held
+    assert lease.standing_by == f"{theirs['host']} pid {theirs['pid']}"
 
 
 def test_in_its_own_scope_a_dead_or_reused_pid_is_gone_and_a_live_one_is_not() -> None:
