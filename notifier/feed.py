@@ -14,6 +14,12 @@ row for ``resync_after`` seconds, the follower therefore asks once with
 :class:`Change` with no document: a position that everything before it covers.
 PouchDB Server never ends a continuous feed with ``last_seq`` and ignores
 ``timeout``, so this is also what makes progress visible there.
+
+``connected`` (readiness, the metric, the status line) is true from
+CouchDB's first answer until the feed fails: a first answer is asked for
+with a quick ``feed=normal&since=now`` request, since a continuous response
+on an idle database starts only with its first heartbeat, and a deliberate
+reconnect (a resync, a ``last_seq`` row) does not count as a failure.
 """
 
 from __future__ import annotations
@@ -103,44 +109,52 @@ class ChangeFeed:
         )
 
     async def follow(self, since: Seq) -> AsyncGenerator[Change, None]:
-        """Yield every change after ``since``, reconnecting as needed; never returns."""
+        """Yield every change after ``since``, reconnecting as needed; never returns.
+
+        ``connected`` is true from CouchDB's first answer until the feed
+        fails; a deliberate reconnect (a ``last_seq`` row, a resync) keeps it.
+        """
         position = since
         incident: CouchError | None = None
         incident_started = 0.0
-        while True:
-            try:
-                # aclosing: when the caller stops, the HTTP stream closes now,
-                # not whenever the garbage collector finalises the generator.
-                async with aclosing(self._session(position)) as session:
-                    async for change in session:
-                        if incident is not None:
-                            log.info(
-                                "changes feed is back after %.1fs and %d attempts",
-                                time.monotonic() - incident_started,
-                                self._backoff.attempts,
-                            )
-                            incident = None
-                        self._backoff.reset()
-                        position = change.seq
-                        yield change
-            except CouchTransientError as e:
-                # Logged once per incident, not once per retry: an operator
-                # wants "CouchDB went away at 10:02, back at 10:07", not noise.
-                if incident is None:
-                    incident, incident_started = e, time.monotonic()
-                    log.warning("changes feed interrupted: %s; reconnecting with backoff", e)
-                else:
-                    log.debug("changes feed still failing: %s", e)
-            finally:
-                self.connected = False
-            self.reconnects += 1
-            await asyncio.sleep(self._backoff.next_delay())
+        try:
+            while True:
+                try:
+                    # aclosing: when the caller stops, the HTTP stream closes
+                    # now, not whenever the garbage collector finalises it.
+                    async with aclosing(self._session(position)) as session:
+                        async for change in session:
+                            if incident is not None:
+                                log.info(
+                                    "changes feed is back after %.1fs and %d attempts",
+                                    time.monotonic() - incident_started,
+                                    self._backoff.attempts,
+                                )
+                                incident = None
+                            self._backoff.reset()
+                            position = change.seq
+                            yield change
+                except CouchTransientError as e:
+                    self.connected = False
+                    # Logged once per incident, not once per retry: an operator
+                    # wants "CouchDB went away at 10:02, back at 10:07", not noise.
+                    if incident is None:
+                        incident, incident_started = e, time.monotonic()
+                        log.warning("changes feed interrupted: %s; reconnecting with backoff", e)
+                    else:
+                        log.debug("changes feed still failing: %s", e)
+                self.reconnects += 1
+                await asyncio.sleep(self._backoff.next_delay())
+        finally:
+            self.connected = False
 
     async def _session(self, since: Seq) -> AsyncGenerator[Change, None]:
         """One continuous connection, then (if it went quiet) one resync request.
 
         Returns normally when the caller should reconnect without delay.
         """
+        if not self.connected:
+            await self._probe()
         last_row = time.monotonic()
         async with self._couch.changes(
             self._database,
@@ -150,10 +164,7 @@ class ChangeFeed:
             heartbeat=self._heartbeat,
             idle_timeout=self.idle_timeout,
         ) as lines:
-            self.connected = True
             log.debug("changes feed connected since=%r", since)
-            if self._on_connect is not None:
-                self._on_connect()
             async for line in lines:
                 if not line.strip():
                     # A heartbeat: the connection is alive but nothing happened.
@@ -178,6 +189,24 @@ class ChangeFeed:
         async with aclosing(self._resync(since)) as resync:
             async for change in resync:
                 yield change
+
+    async def _probe(self) -> None:
+        """Count the feed connected as soon as CouchDB answers for it.
+
+        CouchDB and PouchDB Server hold a continuous response back until its
+        first line: on an idle database that is the first heartbeat, seconds
+        away. A ``feed=normal&since=now`` request with the same selector is
+        answered at once, and proves the database, the credentials and the
+        filter that the continuous request uses.
+        """
+        async with self._couch.changes(
+            self._database, feed="normal", since="now", selector=self._selector, limit=1
+        ) as lines:
+            async for _ in lines:
+                pass
+        self.connected = True
+        if self._on_connect is not None:
+            self._on_connect()
 
     async def _resync(self, since: Seq) -> AsyncGenerator[Change, None]:
         """Ask where the filtered feed stands now, yielding any rows on the way."""

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from scenario import NOTIFIER, to_toml, wait_until
+from scenario import NOTIFIER, MakeConfig, to_toml, wait_until
 
+from notifier.checkpoint import CheckpointStore
+from notifier.config import SmtpConfig
+from notifier.couch import CouchClient
+from notifier.mailer import EmailHandler, SmtpPool
+from notifier.message import Composer
+from notifier.metrics import Observability
+from notifier.shard import Shard
 from notifier.testing import free_port
-from notifier.testing.fake_couch import FakeCouch
+from notifier.testing.fake_couch import IN_PROCESS_URL, FakeCouch
 from notifier.testing.smtp import SmtpSink
+from notifier.testing.worker import worker_running
+from notifier.worker import Worker, WorkerSettings
 
 # Its outage is the fake's refuse_connections(): COUCHDB_URL adds no run on a real server.
 pytestmark = [pytest.mark.e2e, pytest.mark.fake_couch_only]
@@ -225,3 +236,63 @@ def test_no_secret_reaches_the_logs_even_in_connection_tracebacks(
         assert "127.0.0.1" in output, "the error names where it tried to connect"
         assert secret not in output
         assert "admin:" not in output
+
+
+def test_ready_on_an_idle_pouchdb_database_before_its_first_heartbeat(
+    make_config: MakeConfig,
+) -> None:
+    # PouchDB Server (like CouchDB) sends a continuous feed's headers only
+    # with its first line: here, a heartbeat 20 s away.
+    config = make_config(couch={"heartbeat": 20.0})
+
+    async def time_to_ready() -> float:
+        started = time.monotonic()
+        async with worker_running(config) as worker:
+            assert worker.feed.connected
+            return time.monotonic() - started
+
+    assert asyncio.run(time_to_ready()) < 10.0
+
+
+def test_the_status_line_and_the_metric_say_connected_through_quiet_resyncs(
+    smtp_sink: SmtpSink,
+) -> None:
+    fake = FakeCouch(databases=["messages"])
+
+    async def sample() -> list[tuple[str, float | None]]:
+        async with (
+            CouchClient(url=IN_PROCESS_URL, transport=fake.transport()) as couch,
+            EmailHandler(
+                composer=Composer(sender="n@example.com", database="messages"),
+                pool=SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1),
+            ) as handler,
+        ):
+            shard = Shard(worker_id=0, worker_count=1)
+            worker = Worker(
+                couch=couch,
+                handler=handler,
+                checkpoints=CheckpointStore(
+                    couch, database="workersequences", source_database="messages", shard=shard
+                ),
+                # A quiet feed resyncs and reconnects every 0.3 s here.
+                settings=WorkerSettings(
+                    database="messages", shard=shard, heartbeat=0.1, resync_after=0.3
+                ),
+            )
+            registry = Observability(worker, host="127.0.0.1", port=0).registry
+            task = asyncio.create_task(worker.run())
+            await asyncio.wait_for(worker.ready.wait(), timeout=10)
+            samples = []
+            for _ in range(150):  # 3 s: several resyncs and reconnects
+                metric = registry.get_sample_value("notifier_feed_connected", {"worker": "0/1"})
+                samples.append((worker.status_line(), metric))
+                await asyncio.sleep(0.02)
+            reconnects = worker.feed.reconnects
+            worker.stop()
+            await task
+        assert reconnects >= 3
+        return samples
+
+    samples = asyncio.run(sample())
+    disconnected = [s for s in samples if s != (samples[0][0], 1.0) or "feed connected" not in s[0]]
+    assert disconnected == [], f"{len(disconnected)} of {len(samples)}: {disconnected[:3]}"

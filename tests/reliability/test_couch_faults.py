@@ -169,9 +169,17 @@ def test_an_outage_while_idle_resumes_from_the_last_row(
     seeded = before + during
 
     if kind == "503":
-        # "A while": long enough for several retries, each answered 503.
+        # "A while": long enough for several retries, each answered 503 (a
+        # reconnect first asks feed=normal&since=now, so count both kinds).
         wait_until(
-            lambda: sum(f.status == 503 for f in feed_requests(fake_couch)) >= 3,
+            lambda: (
+                sum(
+                    f.status == 503
+                    for kind in ("continuous", "normal")
+                    for f in feed_requests(fake_couch, feed=kind)
+                )
+                >= 3
+            ),
             20.0,
             "three feed requests answered 503",
             process,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,13 +30,21 @@ async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 
 class Script:
-    """Answers each _changes request with the next scripted response, recording requests."""
+    """Answers each _changes request with the next scripted response, recording requests.
+
+    The feed's ``since=now`` probes (made while it is not connected) are
+    answered at once and recorded apart, in ``probes``.
+    """
 
     def __init__(self, *responses: httpx.Response) -> None:
         self.responses = list(responses)
         self.requests: list[httpx.Request] = []
+        self.probes: list[httpx.Request] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("since") == "now":
+            self.probes.append(request)
+            return httpx.Response(200, json={"results": [], "last_seq": "now-1"})
         self.requests.append(request)
         if not self.responses:
             return httpx.Response(200, content=chunks(b"\n"))  # quiet, then closes
@@ -162,3 +171,66 @@ async def test_deleted_rows_are_flagged() -> None:
     async with client:
         (change,) = await take(feed, 0, 1)
     assert change.deleted is True
+
+
+async def test_the_feed_is_connected_when_couchdb_answers_not_at_its_first_heartbeat() -> None:
+    script = Script()
+
+    async def idle_database(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("since") == "now":
+            return script(request)
+        # As CouchDB and PouchDB Server do on an idle database: no status
+        # line or headers until the first heartbeat.
+        await asyncio.sleep(3.0)
+        return httpx.Response(200, content=chunks(b"\n", row("1-a", "m1")))
+
+    client = CouchClient(url="http://couch.test", transport=httpx.MockTransport(idle_database))
+    connected = asyncio.Event()
+    feed = ChangeFeed(
+        client,
+        database="messages",
+        selector=SELECTOR,
+        heartbeat=3.0,
+        on_connect=connected.set,
+        backoff=Backoff(base=0.001, cap=0.005),
+    )
+    async with client:
+        reading = asyncio.create_task(take(feed, 0, 1))
+        await asyncio.wait_for(connected.wait(), timeout=1.0)
+        assert feed.connected
+        (change,) = await reading
+    assert change.doc_id == "m1"
+    (probe,) = script.probes
+    assert probe.url.params["feed"] == "normal"
+    assert json.loads(probe.url.params["selector"]) == SELECTOR
+
+
+async def test_a_resync_reconnects_without_ever_reporting_the_feed_disconnected() -> None:
+    feed: ChangeFeed | None = None
+    seen_while_reconnecting: list[bool] = []
+
+    async def quiet(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("since") == "now":
+            return httpx.Response(200, json={"results": [], "last_seq": "now-1"})
+        assert feed is not None
+        seen_while_reconnecting.append(feed.connected)
+        if request.url.params["feed"] == "normal":
+            return httpx.Response(200, json={"results": [], "last_seq": "9-q"})
+        return httpx.Response(200, content=chunks(b"\n", b"\n"))
+
+    client = CouchClient(url="http://couch.test", transport=httpx.MockTransport(quiet))
+    feed = ChangeFeed(
+        client,
+        database="messages",
+        selector=SELECTOR,
+        heartbeat=1.0,
+        resync_after=0.0,
+        backoff=Backoff(base=0.001, cap=0.005),
+    )
+    async with client:
+        changes = await take(feed, 0, 3)
+    assert changes == [Change(seq="9-q", doc_id=None)] * 3
+    # The first continuous request comes after the probe; every later one,
+    # and every resync, while the feed counts as connected.
+    assert seen_while_reconnecting[0] is True
+    assert all(seen_while_reconnecting), seen_while_reconnecting
