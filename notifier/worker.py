@@ -118,9 +118,26 @@ CLAIM_POLL = 0.5
 #: Seconds a re-read after a lost claim race waits for others to join its request.
 REREAD_DELAY = 0.02
 
-#: Seconds the final checkpoint write may take at shutdown, so the whole stop
-#: stays within drain_timeout plus a little (systemd's TimeoutStopSec).
-FINAL_CHECKPOINT_TIMEOUT = 10.0
+#: Seconds the writes after the drain may take together at shutdown: queued
+#: marks, the final checkpoint and the lease release. So a stop takes at most
+#: drain_timeout plus this, plus closing connections (see stop_timeout).
+FINAL_WRITES_TIMEOUT = 10.0
+#: Of those, seconds kept for the lease release, so that a standby can take
+#: over at once even when the checkpoint write was slow.
+RELEASE_RESERVE = 2.0
+#: Seconds for what follows: closing SMTP sessions (QUITs, at most 2 s, in
+#: parallel) and HTTP connections, and the process's exit.
+CLOSE_MARGIN = 5.0
+
+
+def stop_timeout(drain_timeout: float) -> float:
+    """The longest a stop may take: systemd's ``TimeoutStopSec`` must be at least this.
+
+    >>> stop_timeout(30.0)
+    45.0
+    """
+    return drain_timeout + FINAL_WRITES_TIMEOUT + CLOSE_MARGIN
+
 
 #: Seconds between INFO lines about checkpoint writes.
 CHECKPOINT_LOG_INTERVAL = 60.0
@@ -280,6 +297,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._fatal: BaseException | None = None
         self._saved_arrival = 0
+        #: Event-loop time by which the stop's final writes must be done.
+        self._writes_deadline: float | None = None
         self._couch_down_since: float | None = None
 
     def __repr__(self) -> str:
@@ -362,9 +381,11 @@ class Worker:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
             # 5. Give up the lease last, so a standby starts from our final
-            # checkpoint; bounded, like the checkpoint, by systemd's stop timeout.
+            # checkpoint; within what is left of the stop's budget.
+            deadline = self._writes_deadline or asyncio.get_running_loop().time() + RELEASE_RESERVE
             try:
-                await asyncio.wait_for(self._lease.release(), timeout=FINAL_CHECKPOINT_TIMEOUT)
+                async with asyncio.timeout_at(deadline):
+                    await self._lease.release()
             except Exception as e:
                 log.warning(
                     "worker %s: lease not released (%s); it expires by itself",
@@ -445,15 +466,26 @@ class Worker:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-        # Marks already queued still go out (they cost no email).
-        await self._writer.aclose()
         await self._poller.aclose()
-        # 4. Final checkpoint.
         for timer in timers:
             timer.cancel()
         await asyncio.gather(*timers, return_exceptions=True)
+        # The writes after the drain share one deadline, so that a slow
+        # CouchDB cannot stretch the stop past systemd's TimeoutStopSec.
+        self._writes_deadline = asyncio.get_running_loop().time() + FINAL_WRITES_TIMEOUT
         try:
-            await asyncio.wait_for(self._save_checkpoint(), timeout=FINAL_CHECKPOINT_TIMEOUT)
+            # Marks already queued still go out (they cost no email), then
+            # 4. the final checkpoint.
+            async with asyncio.timeout_at(self._writes_deadline - RELEASE_RESERVE):
+                await self._writer.aclose()
+                await self._save_checkpoint()
+        except TimeoutError:
+            log.error(
+                "worker %s: queued marks and the final checkpoint not written within %gs; "
+                "the next start resumes from the previous checkpoint",
+                s.shard,
+                FINAL_WRITES_TIMEOUT - RELEASE_RESERVE,
+            )
         except Exception as e:
             log.error(
                 "worker %s: final checkpoint not written (%s: %s); the next start resumes "

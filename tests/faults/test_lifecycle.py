@@ -1,5 +1,6 @@
-"""The lease while the worker sends: renewed from the moment it is taken, and
-no send starts once it may belong to another process."""
+"""The worker's lifecycle under faults: the lease while it sends (renewed from
+the moment it is taken, no send once it may belong to another process), and
+a stop that fits its budget however slow CouchDB is."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from support import DB, ONE_WORKER, seed
 
+from notifier import worker as worker_module
 from notifier.checkpoint import CheckpointStore
 from notifier.config import SmtpConfig
 from notifier.couch import CouchClient
@@ -43,6 +45,24 @@ class SlowBulk(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(request)
 
 
+class Stalled(httpx.AsyncBaseTransport):
+    """Once ``stalled``, holds every write until the request's read timeout."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.stalled = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if (
+            self.stalled
+            and request.method in ("PUT", "POST")
+            and "_changes" not in request.url.path
+        ):
+            await asyncio.sleep(request.extensions["timeout"]["read"])
+            raise httpx.ReadTimeout("no answer", request=request)
+        return await self.inner.handle_async_request(request)
+
+
 class SlowLogin(EmailHandler):
     """An SMTP server whose login takes ``login_seconds``."""
 
@@ -62,9 +82,12 @@ async def worker_with_lease(
     clock: Callable[[], float] = time.time,
     login_seconds: float = 0.0,
     transport: httpx.AsyncBaseTransport | None = None,
+    **settings: Any,
 ) -> AsyncIterator[tuple[Worker, Lease, asyncio.Task[None]]]:
     async with (
-        CouchClient(url=IN_PROCESS_URL, transport=transport or fake.transport()) as couch,
+        CouchClient(
+            url=IN_PROCESS_URL, transport=transport or fake.transport(), timeout=30.0
+        ) as couch,
         SlowLogin(
             composer=Composer(sender="n@example.com", database=DB),
             pool=SmtpPool(SmtpConfig(host=sink.host, port=sink.port), size=5),
@@ -78,7 +101,11 @@ async def worker_with_lease(
             handler=handler,
             checkpoints=CheckpointStore(couch, shard=ONE_WORKER, **common),
             settings=WorkerSettings(
-                database=DB, shard=ONE_WORKER, heartbeat=0.3, checkpoint_interval=0.1
+                database=DB,
+                shard=ONE_WORKER,
+                heartbeat=0.3,
+                checkpoint_interval=0.1,
+                **settings,
             ),
             lease=lease,
         )
@@ -151,3 +178,28 @@ async def test_no_send_starts_after_the_lease_was_lost(smtp_sink: SmtpSink) -> N
             await asyncio.wait_for(task, timeout=15)
         assert worker.stats.abandoned == 3
     assert smtp_sink.messages == []
+
+
+async def test_a_stop_fits_its_budget_while_couchdb_stalls_every_write(
+    smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scaled down from 30 s of drain and 10 s of final writes.
+    monkeypatch.setattr(worker_module, "FINAL_WRITES_TIMEOUT", 2.0)
+    monkeypatch.setattr(worker_module, "RELEASE_RESERVE", 0.5)
+    fake = FakeCouch(databases=[DB, "workersequences"])
+    stalled = Stalled(fake.transport())
+    smtp_sink.delay = 0.3
+    async with worker_with_lease(
+        fake, smtp_sink, ttl=30.0, transport=stalled, drain_timeout=1.0, mark_batch_delay=0.2
+    ) as (worker, _, task):
+        await wait_for(worker.ready.is_set, timeout=10)
+        seed(fake, 5)
+        await wait_for(lambda: worker.in_flight == 5, timeout=10)
+        # From now on CouchDB takes no write: not the marks, not the
+        # checkpoint, not the lease release (each would wait 30 s).
+        stalled.stalled = True
+        stopped = time.monotonic()
+        worker.stop()
+        await asyncio.wait_for(task, timeout=20)
+        took = time.monotonic() - stopped
+    assert took < 1.0 + 2.0 + 1.0, f"the stop took {took:.1f}s"
