@@ -153,7 +153,10 @@ class SmtpPool:
         )
         where = self.where
         try:
-            await client.connect()
+            if c.security == "starttls":
+                await self._connect_expecting_a_greeting(client)
+            else:
+                await client.connect()
             # Greet now (connect() does only when it needs STARTTLS or a
             # login): messages are sent with bare MAIL/RCPT/DATA commands.
             if client.is_ehlo_or_helo_needed:
@@ -200,6 +203,48 @@ class SmtpPool:
             raise ChannelUnavailableError(f"cannot connect to {where}: {e}") from None
         self.connects += 1
         return client
+
+    async def _connect_expecting_a_greeting(self, client: aiosmtplib.SMTP) -> None:
+        """``connect()`` for STARTTLS, which waits for a plain-text greeting.
+
+        A port that speaks TLS from the first byte (implicit TLS, as 465
+        does) never sends one, and the wait would last the whole timeout.
+        So after a few seconds without a greeting, a second connection tries
+        a TLS handshake; if the port answers it, the mistake is named at once.
+        """
+        connecting = asyncio.ensure_future(client.connect())
+        done, _ = await asyncio.wait({connecting}, timeout=GREETING_PROBE_AFTER)
+        if not done and await _speaks_tls(self.config.host, self.config.port):
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            client.close()
+            raise DeliveryFatalError(
+                f"{self.where} speaks TLS from the first byte (implicit TLS, as on port 465) "
+                'and sends no plain-text greeting: set [smtp] security = "tls", not "starttls"'
+            )
+        await connecting
+
+
+#: Seconds without a greeting before a STARTTLS connection looks for implicit TLS.
+GREETING_PROBE_AFTER = 2.0
+
+
+async def _speaks_tls(host: str, port: int) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (nothing else is sent)."""
+    # Only whether TLS answers is asked here: no certificate is trusted and
+    # no data is sent, so verification would only hide the answer.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        async with asyncio.timeout(GREETING_PROBE_AFTER):
+            _, writer = await asyncio.open_connection(host, port, ssl=context)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 _TLS_HINT = (
