@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return run_demo(args)  # brings its own servers and configuration
     try:
-        config = config_module.load(args.config)
+        # render connects to nothing, so it needs no password.
+        config = config_module.load(args.config, secrets=args.command != "render")
         for warning in config.warnings:
             log.warning("%s", warning)
         if args.command == "run":

@@ -13,12 +13,13 @@ never appear in ``repr``, logs or error messages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -208,6 +209,8 @@ _POSITIVE = {
     ("delivery", "probe_first"),
     ("delivery", "probe_max"),
 }
+# Keys with an upper bound too: (lowest, highest).
+_RANGES = {("smtp", "port"): (1, 65535)}
 _NOT_FROM_FILE = {"password"}
 #: Keys still read but no longer used: accepted with a warning, so that an
 #: upgrade never stops a worker from starting.
@@ -218,11 +221,17 @@ TABLE_KEYS = {("smtp", "domains")}
 T = TypeVar("T")
 
 
-def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    secrets: bool = True,
+) -> Config:
     """Read, validate and complete the configuration at ``path``.
 
     ``environ`` defaults to ``os.environ``; it is where passwords come from
-    when no ``password_file`` is configured.
+    when no ``password_file`` is configured. ``secrets=False`` reads no
+    password at all, for commands that connect to nothing (``render``).
     """
     source = str(path)
     try:
@@ -234,7 +243,29 @@ def load(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = No
         raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    return from_mapping(data, source=source, environ=environ, base_dir=Path(path).parent)
+    return from_mapping(
+        data, source=source, environ=environ, base_dir=Path(path).parent, secrets=secrets
+    )
+
+
+class _Problems:
+    """Every error found in one configuration, so that one run names them all."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as e:
+            self.found.append(str(e))
+
+    def raise_if_any(self) -> None:
+        if len(self.found) == 1:
+            raise ConfigError(self.found[0])
+        if self.found:
+            raise ConfigError(f"{len(self.found)} problems:\n  " + "\n  ".join(self.found))
 
 
 def from_mapping(
@@ -243,69 +274,82 @@ def from_mapping(
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
+    secrets: bool = True,
 ) -> Config:
     """Validate an already parsed TOML document (see :func:`load`).
 
     Relative template paths are taken from ``base_dir`` (the config file's
-    directory), else from the current directory.
+    directory), else from the current directory. Every problem found is
+    named in the one ConfigError raised.
     """
     env = os.environ if environ is None else environ
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})"
-        )
+    problems = _Problems()
+    for name in sorted(set(data) - set(SECTIONS)):
+        problems.found.append(f"{source}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         table = data.get(name, {})
         if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table, got {_kind(table)}")
-        sections[name] = _build_section(cls, name, table, source)
+            problems.found.append(f"{source}: [{name}] must be a table, got {_kind(table)}")
+            continue
+        sections[name] = _build_section(cls, name, table, source, problems)
 
-    couch: CouchConfig = sections["couch"]
-    smtp: SmtpConfig = sections["smtp"]
-    _check_couch_url(couch.url, source)
-    couch = dataclasses.replace(
-        couch, password=_password("couch", couch, COUCH_PASSWORD_ENV, env, source)
-    )
-    smtp = dataclasses.replace(
-        smtp, password=_password("smtp", smtp, SMTP_PASSWORD_ENV, env, source)
-    )
-    smtp = _resolve_tls_files(smtp, base_dir or Path.cwd(), source)
+    couch: CouchConfig | None = sections.get("couch")
+    smtp: SmtpConfig | None = sections.get("smtp")
+    delivery: DeliveryConfig | None = sections.get("delivery")
+    email: EmailConfig | None = sections.get("email")
+    metrics: MetricsConfig | None = sections.get("metrics")
+    if couch is not None:
+        with problems.collect():
+            _check_couch_url(couch.url, source)
+        with problems.collect():
+            if secrets:
+                couch = dataclasses.replace(
+                    couch, password=_password("couch", couch, COUCH_PASSWORD_ENV, env, source)
+                )
     warnings: list[str] = []
-    if smtp.max_attempts is not None:
-        warnings.append(
-            f"{source}: [smtp] max_attempts is no longer used and can be removed: temporary "
-            "failures are deferred and retried until [delivery] max_age"
-        )
-    delivery: DeliveryConfig = sections["delivery"]
-    for low, high in (("retry_first", "retry_max"), ("probe_first", "probe_max")):
-        if getattr(delivery, low) > getattr(delivery, high):
-            raise ConfigError(
-                f"{source}: [delivery] {low} ({getattr(delivery, low):g}) must not exceed "
-                f"{high} ({getattr(delivery, high):g})"
+    if smtp is not None:
+        with problems.collect():
+            if secrets:
+                smtp = dataclasses.replace(
+                    smtp, password=_password("smtp", smtp, SMTP_PASSWORD_ENV, env, source)
+                )
+        with problems.collect():
+            smtp = _resolve_tls_files(smtp, base_dir or Path.cwd(), source)
+        if smtp.max_attempts is not None:
+            warnings.append(
+                f"{source}: [smtp] max_attempts is no longer used and can be removed: "
+                "temporary failures are deferred and retried until [delivery] max_age"
             )
-    email: EmailConfig = sections["email"]
-    sender = email.sender
-    if any(c < " " or c == "\x7f" for c in email.sender_name):
-        raise ConfigError(f"{source}: [email] sender_name: must be one line of text")
-    if "@" not in sender or not sender.isascii() or any(c.isspace() for c in sender):
-        raise ConfigError(
-            f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
-        )
-    email = _resolve_templates(email, base_dir or Path.cwd(), source)
-    worker: WorkerConfig = sections["worker"]
-    metrics: MetricsConfig = sections["metrics"]
-    if metrics.listen is not None:
+    if delivery is not None:
+        for low, high in (("retry_first", "retry_max"), ("probe_first", "probe_max")):
+            if getattr(delivery, low) > getattr(delivery, high):
+                problems.found.append(
+                    f"{source}: [delivery] {low} ({getattr(delivery, low):g}) must not exceed "
+                    f"{high} ({getattr(delivery, high):g})"
+                )
+    if email is not None:
+        sender = email.sender
+        if any(c < " " or c == "\x7f" for c in email.sender_name):
+            problems.found.append(f"{source}: [email] sender_name: must be one line of text")
+        if "@" not in sender or not sender.isascii() or any(c.isspace() for c in sender):
+            problems.found.append(
+                f"{source}: [email] sender: expected an ASCII email address, got {sender!r}"
+            )
+        with problems.collect():
+            email = _resolve_templates(email, base_dir or Path.cwd(), source)
+    if metrics is not None and metrics.listen is not None:
         try:
             parse_listen(metrics.listen)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            problems.found.append(f"{source}: {e}")
+    problems.raise_if_any()
+    assert couch and smtp and delivery and email and metrics
     return Config(
         couch=couch,
         smtp=smtp,
         email=email,
-        worker=worker,
+        worker=sections["worker"],
         delivery=delivery,
         metrics=metrics,
         source=source,
@@ -369,31 +413,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _build_section(cls: type[T], section: str, table: Mapping[str, Any], source: str) -> T:
+def _build_section(
+    cls: type[T], section: str, table: Mapping[str, Any], source: str, problems: _Problems
+) -> T | None:
+    """The section's dataclass, or ``None`` when ``problems`` got any of its keys."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     allowed = [name for name in fields if name not in _NOT_FROM_FILE]
     values: dict[str, Any] = {}
+    earlier = len(problems.found)
     for key, value in table.items():
         if (section, key) == ("smtp", "domains"):
-            values[key] = _domain_limits(value, f"{source}: [smtp.domains]")
+            with problems.collect():
+                values[key] = _domain_limits(value, f"{source}: [smtp.domains]")
             continue
         if key not in allowed:
             hint = ""
             if key in _NOT_FROM_FILE:
                 hint = f" (passwords come from the environment or [{section}] password_file)"
-            raise ConfigError(
+            problems.found.append(
                 f"{source}: [{section}] {key}: unknown key{hint}; known keys: {', '.join(allowed)}"
             )
-        values[key] = _coerce(value, hints[key], section, key, source)
+            continue
+        with problems.collect():
+            values[key] = _coerce(value, hints[key], section, key, source)
     for name, f in fields.items():
         if (
-            name not in values
+            name not in table
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         ):
-            raise ConfigError(f"{source}: [{section}] {name}: required key is missing")
-    return cls(**values)
+            problems.found.append(f"{source}: [{section}] {name}: required key is missing")
+    return None if len(problems.found) > earlier else cls(**values)
 
 
 def _coerce(value: Any, hint: Any, section: str, key: str, source: str) -> Any:
@@ -426,6 +477,9 @@ def _coerce(value: Any, hint: Any, section: str, key: str, source: str) -> Any:
             raise ConfigError(f"{where}: expected a non-empty string")
     if (section, key) in _POSITIVE and not value > 0:
         raise ConfigError(f"{where}: expected a value greater than 0, got {value!r}")
+    low, high = _RANGES.get((section, key), (value, value))
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: expected {low} to {high}, got {value!r}")
     return value
 
 

@@ -440,3 +440,14 @@ def test_render_prints_the_email_and_names_why_a_document_would_be_dead_lettered
     assert bad.returncode == 65
     assert "no 'to' field" in bad.stderr
     assert bad.stdout == ""
+
+
+def test_check_names_every_configuration_mistake_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "notifier.toml"
+    cfg.write_text(
+        "[email]\nsender = 'n@example.com'\n[smtp]\nport = 70000\n[worker]\nmax_parallel = 0\n"
+    )
+    result = run("check", "--config", str(cfg))
+    assert result.returncode == 78
+    assert "[smtp] port: expected 1 to 65535, got 70000" in result.stderr
+    assert "[worker] max_parallel: expected a value greater than 0" in result.stderr

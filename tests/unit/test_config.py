@@ -63,6 +63,8 @@ def test_invalid_toml_is_named(tmp_path: Path) -> None:
         ("[worker]\ndrain_timeout = true", r"\[worker\] drain_timeout: expected a number"),
         ("[smtp]\nsecurity = 'ssl'", r"\[smtp\] security: expected one of 'none'"),
         ("[smtp]\nport = 25.5", r"\[smtp\] port: expected an integer"),
+        ("[smtp]\nport = 65536", r"\[smtp\] port: expected 1 to 65535, got 65536"),
+        ("[smtp]\nport = 0", r"\[smtp\] port: expected a value greater than 0"),
         ("[couch]\nurl = 'ftp://x'", r"\[couch\] url: expected an http"),
         ("[couch]\npassword = 'x'", r"\[couch\] password: unknown key \(passwords come from"),
         ("[couch]\nusername = 'u'", r"\[couch\] username is set but there is no password"),
@@ -80,6 +82,45 @@ def test_mistakes_name_the_file_and_the_key(tmp_path: Path, text: str, message: 
     with pytest.raises(ConfigError, match=message) as info:
         config.load(path, environ={})
     assert str(info.value).startswith(str(path))
+
+
+def test_every_mistake_is_named_not_only_the_first(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[wokrer]\n"
+        "[smtp]\nport = 70000\nsecurity = 'ssl'\n"
+        "[worker]\nmax_parallel = 0\ndrain_timeout = 'long'\n"
+        "[couch]\nurl = 'ftp://x'\nusername = 'u'\n"
+        "[email]\nsender = 'not an address'\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={})
+    message = str(info.value)
+    assert message.startswith("8 problems:\n"), message
+    for problem in (
+        "unknown section [wokrer]",
+        "[smtp] port: expected 1 to 65535, got 70000",
+        "[smtp] security: expected one of",
+        "[worker] max_parallel: expected a value greater than 0",
+        "[worker] drain_timeout: expected a number",
+        "[couch] url: expected an http",
+        "[couch] username is set but there is no password",
+        "[email] sender: expected an ASCII email address",
+    ):
+        assert f"  {path}: {problem}" in message, problem
+
+
+def test_without_secrets_no_password_is_needed_or_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[email]\nsender = 'n@example.com'\n"
+        "[smtp]\nusername = 'u'\npassword_file = '/nonexistent/smtp-password'\n"
+        "[couch]\nusername = 'u'\n",
+    )
+    loaded = config.load(path, environ={}, secrets=False)
+    assert loaded.smtp.password is None and loaded.couch.password is None
+    with pytest.raises(ConfigError, match="2 problems"):
+        config.load(path, environ={})
 
 
 def test_missing_required_key() -> None:
