@@ -16,6 +16,8 @@ import re
 import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from typing import Any, ClassVar, TypeVar
 
 from notifier import __version__
@@ -30,6 +32,7 @@ from notifier.errors import (
     LeaseLost,
     NotifierError,
     PermanentDeliveryError,
+    UsageError,
 )
 from notifier.prune import prune_checkpoints
 from notifier.requeue import requeue, selection_from
@@ -217,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the email a document would produce, without sending it",
         description=(
             "Compose the email for the message document in DOC.json (a file, or - for "
-            "stdin) with the configured templates and print it: headers and parts, exactly "
-            "as they would be sent (CRLF shown as line ends). Connects to nothing. Exits 65 "
-            "with the reason when the document would be dead-lettered."
+            "stdin) with the configured templates and print it: headers and parts as they "
+            "would be sent, with encoded headers and bodies decoded so that they read as "
+            "text. Connects to nothing and needs no password. Exits 65 with the reason when "
+            "the document would be dead-lettered."
         ),
     )
     config_option(render)
@@ -278,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_COUCH
         elif args.command == "render":
             return render_document(config, args.doc)
+    except UsageError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
     except ConfigError as e:
         log.error("configuration error: %s", e)
         return EXIT_CONFIG
@@ -314,10 +321,32 @@ def render_document(config: Config, doc_path: str) -> int:
     except PermanentDeliveryError as e:
         print(f"{doc_path}: would be dead-lettered: {e}", file=sys.stderr)
         return EXIT_DATA
-    # The bytes are 7-bit (non-ASCII travels encoded); only the CRLF line
-    # ends are turned into the terminal's.
-    sys.stdout.write(email.data.decode("ascii", errors="replace").replace("\r\n", "\n"))
+    sys.stdout.write(readable(email.data))
     return EXIT_OK
+
+
+def readable(data: bytes) -> str:
+    """An email as a person reads it: its headers and parts as sent, but with
+    encoded words and base64 or quoted-printable bodies decoded (non-ASCII
+    travels encoded, which no one can read on a terminal)."""
+    lines: list[str] = []
+
+    def show(part: EmailMessage) -> None:
+        lines.extend(f"{name}: {value}" for name, value in part.items())
+        lines.append("")
+        if part.is_multipart():
+            boundary = part.get_boundary()
+            for inner in part.iter_parts():
+                lines.append(f"--{boundary}")
+                show(inner)  # type: ignore[arg-type]
+            lines.append(f"--{boundary}--")
+        else:
+            content = part.get_content()
+            text = content if isinstance(content, str) else f"({len(content)} bytes)"
+            lines.append(text.rstrip("\n"))
+
+    show(message_from_bytes(data, policy=policy.default))
+    return "\n".join(lines) + "\n"
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -366,10 +395,11 @@ def _shard(args: argparse.Namespace, config: Config) -> Shard:
     count = args.worker_count
     if named_count is not None:
         if count is not None and count != named_count:
-            raise ConfigError(
+            raise UsageError(
                 f"--worker-id {worker_id}-of-{named_count} and --worker-count {count} disagree"
             )
         count = named_count
+    on_command_line = count is not None
     if count is None and os.environ.get("NOTIFIER_WORKER_COUNT"):
         raw = os.environ["NOTIFIER_WORKER_COUNT"]
         try:
@@ -381,7 +411,10 @@ def _shard(args: argparse.Namespace, config: Config) -> Shard:
     try:
         return Shard(worker_id=worker_id, worker_count=count)
     except ValueError as e:
-        raise ConfigError(f"--worker-id/--worker-count: {e}") from None
+        # With the count on the command line too, the command line is wrong
+        # (5-of-3); against a configured count, the configuration may be.
+        error = UsageError if on_command_line else ConfigError
+        raise error(f"--worker-id/--worker-count: {e}") from None
 
 
 class _JournalFormatter(logging.Formatter):

@@ -6,6 +6,7 @@ again later can help: callers retry ``CouchTransientError`` and
 ``TransientDeliveryError`` and nothing else::
 
     NotifierError
+    ├── UsageError                  a wrong command line (exit 2)
     ├── ConfigError                 bad or unreadable configuration (never retried)
     ├── CouchError                  a CouchDB request failed
     │   ├── CouchFatalError         404/400/413…: a person has to act
@@ -33,6 +34,10 @@ from __future__ import annotations
 
 class NotifierError(Exception):
     """Root of every error notifier raises on purpose."""
+
+
+class UsageError(NotifierError, ValueError):
+    """The command line is wrong (a worker id outside its layout, counts that disagree)."""
 
 
 class ConfigError(NotifierError, ValueError):

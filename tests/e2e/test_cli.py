@@ -199,7 +199,7 @@ def test_a_second_signal_exits_at_once(
             "worker id >= worker count",
             {},
             ["--worker-count", "2", "--worker-id", "2"],
-            78,
+            2,
             "worker_id 2 is out of range",
         ),
         ("unreachable CouchDB", {"couch": {"url": "http://127.0.0.1:9"}}, [], 69, "CouchDB"),
@@ -282,11 +282,15 @@ def test_the_worker_id_can_name_its_layout_as_a_systemd_instance_does(
 ) -> None:
     cfg = str(config_file())
     # N-of-M wins over the environment: the instance name says which layout.
+    # A wrong worker id or count on the command line is a bad command line (2).
     named = run("run", "--worker-id", "3-of-3", "--config", cfg, env={"NOTIFIER_WORKER_COUNT": "9"})
-    assert named.returncode == 78
+    assert named.returncode == 2
     assert "worker_id 3 is out of range for worker_count 3" in named.stderr
+    beyond = run("run", "--worker-id", "5", "--worker-count", "3", "--config", cfg)
+    assert beyond.returncode == 2
+    assert "worker_id 5 is out of range for worker_count 3" in beyond.stderr
     clash = run("run", "--worker-id", "0-of-3", "--worker-count", "2", "--config", cfg)
-    assert clash.returncode == 78
+    assert clash.returncode == 2
     assert "--worker-id 0-of-3 and --worker-count 2 disagree" in clash.stderr
     garbage = run("run", "--worker-id", "0-3", "--config", cfg)
     assert garbage.returncode == 2
@@ -440,6 +444,26 @@ def test_render_prints_the_email_and_names_why_a_document_would_be_dead_lettered
     assert bad.returncode == 65
     assert "no 'to' field" in bad.stderr
     assert bad.stdout == ""
+
+
+def test_render_needs_no_password_and_shows_non_ascii_text_as_text(tmp_path: Path) -> None:
+    cfg = tmp_path / "notifier.toml"
+    # The production config: an SMTP login whose password only the service has.
+    cfg.write_text(
+        "[email]\nsender = 'n@example.com'\n"
+        "[smtp]\nusername = 'notifier'\npassword_file = 'smtp-password'\n"
+        "[couch]\nusername = 'notifier'\n"
+    )
+    doc = tmp_path / "doc.json"
+    body = "Schöne Grüße aus Köln — 日本語"
+    doc.write_text(
+        json.dumps({"_id": "m1", "to": "ann@example.com", "subject": "Grüße", "body": body})
+    )
+    out = run("render", "--config", str(cfg), str(doc), env={"CREDENTIALS_DIRECTORY": ""})
+    assert out.returncode == 0, out.stderr
+    assert "Subject: Grüße\n" in out.stdout
+    assert body in out.stdout
+    assert "Content-Transfer-Encoding: base64" in out.stdout  # how it travels
 
 
 def test_check_names_every_configuration_mistake_at_once(tmp_path: Path) -> None:
