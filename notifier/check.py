@@ -34,9 +34,9 @@ from notifier.errors import (
     TransientDeliveryError,
 )
 from notifier.mailer import SmtpPool
-from notifier.worker import SELECTOR
+from notifier.worker import FAILED, NOTIFIED, SELECTOR, stop_timeout
 
-__all__ = ["CheckReport", "CheckResult", "run_checks"]
+__all__ = ["CheckReport", "CheckResult", "LooksSettled", "count_looks_settled", "run_checks"]
 
 T = TypeVar("T")
 
@@ -58,6 +58,8 @@ class CheckResult:
     fix: str | None = None
     skipped: bool = False
     error: NotifierError | None = field(default=None, repr=False, compare=False)
+    #: Works, but something needs a look (shown with its fix; not a failure).
+    warning: bool = False
 
     @property
     def failed(self) -> bool:
@@ -66,7 +68,7 @@ class CheckResult:
     @property
     def mark(self) -> str:
         if self.ok:
-            return "ok"
+            return "warn" if self.warning else "ok"
         return "skip" if self.skipped else "FAIL"
 
 
@@ -101,7 +103,7 @@ class CheckReport:
         lines = [f"notifier check: {self.source}"]
         for r in self.results:
             lines.append(f"  {r.mark:<4}  {r.name:<{width}}  {r.detail}")
-            if r.fix and not r.ok:
+            if r.fix and (not r.ok or r.warning):
                 lines.append(f"  {'':<4}  {'':<{width}}  fix: {r.fix}")
         failed = len(self.failures)
         if failed:
@@ -126,12 +128,16 @@ class _Checks:
     def skip(self, name: str, why: str) -> None:
         self.results.append(CheckResult(name, False, f"not checked: {why}", skipped=True))
 
+    def warn(self, name: str, detail: str, fix: str) -> None:
+        self.results.append(CheckResult(name, True, detail, fix, warning=True))
+
 
 COUCH_SERVER = "CouchDB server"
 COUCH_LOGIN = "CouchDB credentials"
 DATABASE = "messages database"
 CHECKPOINT_DATABASE = "checkpoint database"
 SELECTOR_FILTER = "_selector filter"
+SETTLED_FLAGS = "settled flags"
 SMTP_CONNECTION = "SMTP connection"
 SMTP_SENDER = "SMTP sender"
 
@@ -157,7 +163,9 @@ async def run_checks(
     checks.ok(
         "configuration",
         f"{config.source}: read; database {config.couch.database!r}, "
-        f"{worker_count} worker{'s' if worker_count != 1 else ''} by default",
+        f"{worker_count} worker{'s' if worker_count != 1 else ''} by default; a stop takes "
+        f"up to {stop_timeout(config.worker.drain_timeout):g}s (systemd's TimeoutStopSec "
+        "must be at least that)",
     )
     async with CouchClient.from_config(config.couch, transport=transport) as couch:
         await _check_couch(config, couch, checks)
@@ -175,7 +183,7 @@ async def _attempt(awaitable: Awaitable[T]) -> T | CouchError:
 async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> None:
     c = config.couch
     url = couch.url
-    later = [COUCH_LOGIN, DATABASE, CHECKPOINT_DATABASE, SELECTOR_FILTER]
+    later = [COUCH_LOGIN, DATABASE, CHECKPOINT_DATABASE, SELECTOR_FILTER, SETTLED_FLAGS]
 
     # 1. Anything answering at all. CouchDB answers GET / without credentials,
     # but refuses wrong ones even there (401): that is the next step's failure.
@@ -280,6 +288,7 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
     # parsed at once, and no history is scanned on a big database.
     if not db_exists:
         checks.skip(SELECTOR_FILTER, f"needs the database {c.database!r}")
+        checks.skip(SETTLED_FLAGS, f"needs the database {c.database!r}")
         return
     try:
         answer = await couch.request(
@@ -303,6 +312,7 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
         else:
             fix = _access_fix(e, c.database)
         checks.fail(SELECTOR_FILTER, e, short_reason(e), fix)
+        checks.skip(SETTLED_FLAGS, "the _selector filter failed")
         return
     if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
         checks.fail(
@@ -311,8 +321,78 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
             "the _changes answer has no results",
             "check that [couch] url points at CouchDB itself, not at a proxy or another server",
         )
+        checks.skip(SETTLED_FLAGS, "the _selector filter failed")
         return
     checks.ok(SELECTOR_FILTER, f"accepted on _changes of {c.database!r}")
+
+    # 6. Documents the selector passes over although nobody settled them.
+    looks = await _attempt(count_looks_settled(couch, c.database))
+    if isinstance(looks, CouchError):
+        checks.fail(SETTLED_FLAGS, looks, short_reason(looks), _access_fix(looks, c.database))
+    elif looks.count:
+        checks.warn(SETTLED_FLAGS, looks.describe(), LooksSettled.FIX)
+    else:
+        checks.ok(SETTLED_FLAGS, f"no document in {c.database!r} has {NOTIFIED} other than true")
+
+
+#: Documents that look settled to the selector but were never sent:
+#: ``notifiedRecipient`` present with any value but ``true``, and no dead letter.
+LOOKS_SETTLED_SELECTOR: dict[str, Any] = {
+    NOTIFIED: {"$exists": True, "$ne": True},
+    FAILED: {"$exists": False},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LooksSettled:
+    """How many documents carry a ``notifiedRecipient`` that is not ``true``."""
+
+    count: int
+    #: ``True`` when there are at least ``count`` (the scan stopped there).
+    more: bool
+    examples: tuple[str, ...]
+
+    FIX = (
+        f"the feed's selector skips every document that has {NOTIFIED}, whatever its value, "
+        f"so these were never sent: remove {NOTIFIED} from them (and make applications leave "
+        "it out of new messages) to have them sent"
+    )
+
+    def describe(self) -> str:
+        some = ", ".join(self.examples)
+        return (
+            f"{'at least ' if self.more else ''}{self.count} document"
+            f"{'s' if self.count != 1 else ''} with {NOTIFIED} other than true and no "
+            f"{FAILED} (e.g. {some}): they look settled but were never sent"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "more": self.more, "examples": list(self.examples)}
+
+
+async def count_looks_settled(
+    couch: CouchClient, database: str, *, limit: int = 1000
+) -> LooksSettled:
+    """Count (up to ``limit``) the documents :data:`LOOKS_SETTLED_SELECTOR` finds.
+
+    One filtered ``_changes`` request: the fake CouchDB, PouchDB Server and
+    CouchDB all evaluate a ``_selector`` there. CouchDB reads every
+    document's latest revision to answer it, as the workers' feed does once.
+    """
+    answer = await couch.request(
+        "POST",
+        f"/{_q(database)}/_changes",
+        params={
+            "feed": "normal",
+            "limit": str(limit),
+            "filter": "_selector",
+            "selector": json.dumps(LOOKS_SETTLED_SELECTOR, separators=(",", ":")),
+        },
+        json_body={"selector": LOOKS_SETTLED_SELECTOR},
+    )
+    rows = answer.get("results") if isinstance(answer, dict) else None
+    ids = [r["id"] for r in rows or [] if isinstance(r, dict) and isinstance(r.get("id"), str)]
+    return LooksSettled(count=len(ids), more=len(ids) >= limit, examples=tuple(ids[:3]))
 
 
 async def _check_smtp(config: Config, checks: _Checks) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from notifier import process
+from notifier.check import LooksSettled, count_looks_settled
 from notifier.config import Config
 from notifier.couch import CouchClient, seq_param, short_reason
 from notifier.errors import CouchError
@@ -244,6 +245,10 @@ class StatusReport:
     stale_after: float
     layouts: tuple[LayoutStatus, ...]
     retire_after: float = 604_800.0
+    #: Messages that look settled but were never sent; ``None`` if not counted.
+    looks_settled: LooksSettled | None = None
+    #: Why they were not counted.
+    looks_settled_note: str | None = None
 
     @property
     def workers(self) -> list[WorkerStatus]:
@@ -279,7 +284,16 @@ class StatusReport:
             "stale_workers": [w.checkpoint_id for w in self.stale_workers],
             "current_layout": None if (c := self.current_layout) is None else c.worker_count,
             "retired_layouts": [layout.worker_count for layout in self.retired_layouts],
+            "looks_settled": None if (ls := self.looks_settled) is None else ls.to_json(),
+            "looks_settled_note": self.looks_settled_note,
         }
+
+    def _looks_settled_lines(self) -> list[str]:
+        if self.looks_settled is None:
+            return [f"Documents that look settled: not counted ({self.looks_settled_note})."]
+        if not self.looks_settled.count:
+            return []
+        return [f"{self.looks_settled.describe()}.", f"  hint: {LooksSettled.FIX}."]
 
     def render(self) -> str:
         lines = [
@@ -292,13 +306,13 @@ class StatusReport:
                 "worker has run yet (the first worker creates it). If workers are running, "
                 "check that they use the same [couch] url and checkpoint_database."
             )
-            return "\n".join(lines) + "\n"
+            return "\n".join([*lines, *self._looks_settled_lines()]) + "\n"
         if not self.layouts:
             lines.append(
                 f"No checkpoint or lease of database {self.database!r} in "
                 f"{self.checkpoint_database!r}: no worker has checkpointed yet."
             )
-            return "\n".join(lines) + "\n"
+            return "\n".join([*lines, *self._looks_settled_lines()]) + "\n"
         header = ("WORKER", "SINCE", "CHECKPOINTED", "AGE", "PENDING (est.)", "STALE", "LEASE")
         shortened = False
         tables: list[list[tuple[str, ...]]] = []
@@ -341,6 +355,7 @@ class StatusReport:
             lines.append(f"{len(stale)} stale: " + ", ".join(w.checkpoint_id for w in stale))
         else:
             lines.append("no stale worker")
+        lines.extend(self._looks_settled_lines())
         retired = self.retired_layouts
         if retired:
             which = ", ".join(workers_text(layout.worker_count) for layout in retired)
@@ -385,6 +400,12 @@ async def gather_status(
         docs = await read_slot_docs(
             couch, checkpoint_database=c.checkpoint_database, database=c.database
         )
+        looks: LooksSettled | None = None
+        looks_note: str | None = None
+        try:
+            looks = await count_looks_settled(couch, c.database)
+        except CouchError as e:
+            looks_note = short_reason(e)
         if docs is None:
             return StatusReport(
                 couch_url=couch.url,
@@ -395,6 +416,8 @@ async def gather_status(
                 stale_after=stale_after,
                 layouts=(),
                 retire_after=retire,
+                looks_settled=looks,
+                looks_settled_note=looks_note,
             )
         checkpoints, leases = docs.checkpoints, docs.leases
 
@@ -476,6 +499,8 @@ async def gather_status(
         stale_after=stale_after,
         layouts=layouts,
         retire_after=retire,
+        looks_settled=looks,
+        looks_settled_note=looks_note,
     )
 
 

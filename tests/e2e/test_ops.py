@@ -53,10 +53,11 @@ CHECKS = [
     "messages database",
     "checkpoint database",
     "_selector filter",
+    "settled flags",
     "SMTP connection",
     "SMTP sender",
 ]
-COUCH_AFTER_SERVER = CHECKS[2:6]
+COUCH_AFTER_SERVER = CHECKS[2:7]
 
 
 @dataclass
@@ -149,7 +150,7 @@ async def test_check_passes_on_a_good_setup_and_sends_nothing(
     assert report.ok and report.first_error is None, report.render()
     assert_marks(report, {})
     text = report.render()
-    assert text.endswith("all 8 checks passed\n")
+    assert text.endswith("all 9 checks passed\n")
     assert f"{backend.database!r} exists: 0 documents" in text
     # Not created by check: a worker creates it.
     assert "does not exist yet: the first worker creates it" in text
@@ -158,7 +159,7 @@ async def test_check_passes_on_a_good_setup_and_sends_nothing(
         # Selector in the query string too (PouchDB Server reads it there and
         # dies without it); the fake, like CouchDB, only takes it from the
         # body, so the check's success shows that the body had it as well.
-        (feed,) = [r for r in backend.transport_of.requests if r.path.endswith("/_changes")]
+        feed, _ = [r for r in backend.transport_of.requests if r.path.endswith("/_changes")]
         assert "filter=_selector" in feed.query and "selector=" in feed.query.replace(
             "filter=_selector", ""
         )
@@ -205,7 +206,7 @@ async def test_check_names_refused_couch_credentials_and_still_checks_smtp(
     assert isinstance(report.first_error, CouchError)
     assert isinstance(report.first_error, PermissionError)
     text = report.render()
-    assert "fix: " in text and "1 of 8 checks failed" in text
+    assert "fix: " in text and "1 of 9 checks failed" in text
     assert "s3cret-but-wrong" not in text and "the-right-one" not in text
 
 
@@ -228,7 +229,9 @@ async def test_check_names_a_missing_database(store: Backend, smtp_sink: SmtpSin
     config = store.config(smtp_sink, couch={"database": "no_such_db_here"})
     report = await run_checks(config, transport=store.transport)
 
-    assert_marks(report, {"messages database": "FAIL", "_selector filter": "skip"})
+    assert_marks(
+        report, {"messages database": "FAIL", "_selector filter": "skip", "settled flags": "skip"}
+    )
     failed = by_name(report)["messages database"]
     assert failed.detail == f"'no_such_db_here' does not exist on {store.url}"
     assert "[couch] database" in failed.fix and "PUT" in failed.fix
@@ -666,7 +669,10 @@ async def test_status_json_keeps_opaque_seqs_and_round_trips(
         "stale_workers",
         "current_layout",
         "retired_layouts",
+        "looks_settled",
+        "looks_settled_note",
     ]
+    assert data["looks_settled"] == {"count": 0, "more": False, "examples": []}
     assert data["retire_after_seconds"] == config.worker.retire_after == 604_800.0
     assert [layout["worker_count"] for layout in data["layouts"]] == [1, 2]
     assert list(data["layouts"][0]) == [
@@ -820,3 +826,35 @@ async def test_status_reads_what_real_workers_of_two_layouts_wrote(smtp_sink: Sm
     assert find(report, 0, 1).behind is True
     estimate = find(report, 0, 1).pending_estimate
     assert estimate is not None and estimate >= 4
+
+
+async def test_check_and_status_count_documents_that_look_settled_but_never_were(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    docs = [
+        {"_id": "m-false", "to": "a@example.com", "notifiedRecipient": False},
+        {"_id": "m-no", "to": "b@example.com", "notifiedRecipient": "no"},
+        {"_id": "m-zero", "to": "c@example.com", "notifiedRecipient": 0},
+        {"_id": "m-sent", "to": "d@example.com", "notifiedRecipient": True},
+        {"_id": "m-dead", "to": "e", "notifiedRecipient": False, "notificationFailed": {}},
+        {"_id": "m-new", "to": "f@example.com"},
+    ]
+    async with store.client() as couch:
+        for doc in docs:
+            await couch.put_doc(store.database, doc)
+
+    report = await run_checks(config, transport=store.transport)
+    settled = by_name(report)["settled flags"]
+    assert report.ok and settled.mark == "warn", report.render()
+    assert settled.detail.startswith("3 documents with notifiedRecipient other than true")
+    assert "remove notifiedRecipient from them" in report.render()
+
+    status = await gather_status(config, transport=store.transport)
+    assert status.looks_settled is not None
+    assert status.looks_settled.count == 3 and not status.looks_settled.more
+    assert set(status.looks_settled.examples) == {"m-false", "m-no", "m-zero"}
+    text = status.render()
+    assert "3 documents with notifiedRecipient other than true" in text
+    assert "hint: the feed's selector skips every document that has notifiedRecipient" in text
+    assert status.to_json()["looks_settled"]["count"] == 3
