@@ -7,11 +7,14 @@
     deferred, scheduled, dead-lettered and failed, of throttling replies,
     relay outages, unexpected errors and refused writes; gauges of messages
     in flight, seconds since the checkpoint was last known good, whether the
-    feed is connected, whether the relay is paused and the rate paced at; a
-    histogram of the time each accepted email took to deliver.
+    feed is connected, whether the relay is paused and the rate paced at,
+    whether this process holds its slot's lease or waits as a standby, and
+    when it started (each restart is a new value); a histogram of the time
+    each accepted email took to deliver.
 ``/healthz``
     ``200 {"status": "ok"}`` while the feed is connected and the checkpoint is
-    fresh, ``503 {"status": "unhealthy", "reasons": [...]}`` otherwise.
+    fresh, ``200 {"status": "standby"}`` while it waits for the lease, ``503
+    {"status": "unhealthy", "reasons": [...]}`` otherwise.
 
 Counters are read from the worker's own counters at scrape time, so the hot
 path pays nothing for them; only the latency histogram is fed per email.
@@ -38,6 +41,8 @@ from notifier.worker import Worker
 log = logging.getLogger(__name__)
 
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: When this process started (for restart-loop alerts: each start is a new value).
+_STARTED = time.time()
 
 
 class _WorkerCollector(Collector):
@@ -127,6 +132,21 @@ class _WorkerCollector(Collector):
                 "Messages per second this worker paces at now (0: no limit).",
                 w.delivery.pacer.limit or 0.0,
             ),
+            (
+                "notifier_lease_held",
+                "1 while this process holds its worker slot's lease.",
+                w.lease_held,
+            ),
+            (
+                "notifier_standby",
+                "1 while this process waits as a standby for its slot's lease.",
+                w.standing_by is not None,
+            ),
+            (
+                "notifier_start_time_seconds",
+                "When this process started, in seconds since the epoch.",
+                _STARTED,
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["worker"])
             gauge.add_metric(list(label.values()), float(gauge_value))
@@ -156,7 +176,12 @@ class Observability:
         self._server: asyncio.Server | None = None
 
     def health(self) -> tuple[bool, list[str]]:
-        """Whether the worker is healthy, and why not."""
+        """Whether the worker is healthy, and why not.
+
+        A standby is healthy: waiting for the lease is its job.
+        """
+        if self.worker.standing_by is not None:
+            return True, []
         reasons = []
         if not self.worker.feed.connected:
             reasons.append("the changes feed is not connected")
@@ -197,7 +222,8 @@ class Observability:
                 status, ctype, body = 200, _CONTENT_TYPE, generate_latest(self.registry)
             elif path == "/healthz":
                 ok, reasons = self.health()
-                payload = {"status": "ok"} if ok else {"status": "unhealthy", "reasons": reasons}
+                state = "standby" if self.worker.standing_by is not None else "ok"
+                payload = {"status": state} if ok else {"status": "unhealthy", "reasons": reasons}
                 status, ctype, body = (
                     (200 if ok else 503),
                     "application/json",

@@ -314,6 +314,11 @@ class Worker:
         return len(self._tasks)
 
     @property
+    def lease_held(self) -> bool:
+        """Whether this process holds its slot's lease now."""
+        return self._lease is not None and self._lease.held
+
+    @property
     def standing_by(self) -> str | None:
         """While a standby: who holds this worker's lease ("HOST pid N")."""
         if self.phase != "standby" or self._lease is None:
