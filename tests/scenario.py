@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -150,3 +151,18 @@ class ScenarioRecord:
         self.messages = len(wanted)
         self.lost = sum(1 for r in wanted if sent[r] == 0)
         self.duplicates_seen = sum(n - 1 for r, n in sent.items() if n > 1)
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and its key, made with the openssl command."""
+    openssl = shutil.which("openssl")
+    # scripts/test installs Debian's openssl package when this is missing.
+    assert openssl is not None, "the openssl command is missing: apt-get install openssl"
+    cert, key = directory / "relay.crt", directory / "relay.key"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run(
+        [openssl, *request, "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

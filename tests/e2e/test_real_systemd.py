@@ -71,6 +71,14 @@ def active(box: Container, unit: str) -> dict[str, str]:
     return box.show(unit, "ActiveState", "SubState", "Result", "NRestarts", "MainPID", "StatusText")
 
 
+def restarted_once(box: Container, unit: str, what: str) -> None:
+    def running_again() -> bool:
+        state = active(box, unit)
+        return state["NRestarts"] == "1" and state["SubState"] == "running"
+
+    wait_until(running_again, 30, what)
+
+
 def checkpoint(couch: CouchTestDB, data: dict[str, Any]) -> dict[str, Any] | None:
     db = data["couch"]["checkpoint_database"]
     response = couch.client.get(f"/{db}/{couch.name}.worker-0-of-1")
@@ -145,14 +153,7 @@ def test_kill_9_is_restarted_and_takes_its_lease_back_at_once(
     box.systemctl("start", "notifier@0")
     first = active(box, "notifier@0")
     box.systemctl("kill", "--signal=SIGKILL", "--kill-whom=main", "notifier@0")
-    wait_until(
-        lambda: (
-            active(box, "notifier@0")["NRestarts"] == "1"
-            and active(box, "notifier@0")["SubState"] == "running"
-        ),
-        30,
-        "systemd to restart it",
-    )
+    restarted_once(box, "notifier@0", "systemd to restart it")
     after = active(box, "notifier@0")
     assert after["MainPID"] != first["MainPID"]
     journal = box.journal("notifier@0")
@@ -208,14 +209,7 @@ def test_the_watchdog_restarts_a_stopped_process(
         assert active(box, "notifier@0")["NRestarts"] == "0"
         assert active(box, "notifier@0")["MainPID"] == first["MainPID"]
         box.systemctl("kill", "--signal=SIGSTOP", "--kill-whom=main", "notifier@0")
-        wait_until(
-            lambda: (
-                active(box, "notifier@0")["NRestarts"] == "1"
-                and active(box, "notifier@0")["SubState"] == "running"
-            ),
-            30,
-            "the watchdog to restart it",
-        )
+        restarted_once(box, "notifier@0", "the watchdog to restart it")
         assert "Watchdog timeout" in box.run("journalctl", "--no-pager", "-u", "notifier@0").stdout
         assert active(box, "notifier@0")["MainPID"] != first["MainPID"]
         recipients = seed(couch, 2)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from scenario import self_signed_certificate
 
 from notifier.config import SmtpConfig
 from notifier.errors import DeliveryFatalError
@@ -22,15 +21,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def implicit_tls_port(tmp_path: Path) -> AsyncIterator[int]:
     """A port that speaks TLS from the first byte, as SMTP on 465 does."""
-    openssl = shutil.which("openssl")
-    assert openssl is not None, "the openssl command is missing: apt-get install openssl"
-    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
-    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subprocess.run(
-        [openssl, *request, "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 

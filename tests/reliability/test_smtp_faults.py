@@ -22,9 +22,7 @@ Time to recover is from the end of the fault to the next email delivered.
 from __future__ import annotations
 
 import re
-import shutil
 import ssl
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -43,7 +41,7 @@ from harness import (
     read_checkpoint,
     wait_until,
 )
-from scenario import ScenarioRecord, message
+from scenario import ScenarioRecord, message, self_signed_certificate
 
 from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
@@ -351,16 +349,7 @@ class TlsRelay:
     """An aiosmtpd relay that offers STARTTLS (self-signed), counting what it accepts."""
 
     def __init__(self, tmp_path: Path, port: int) -> None:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("needs the openssl command to make a test certificate")
-        cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
-        request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        subprocess.run(
-            [openssl, *request, "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = self_signed_certificate(tmp_path)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         self.recipients: Counter[str] = Counter()
