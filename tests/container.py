@@ -143,8 +143,12 @@ class Container:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self.pid1 = self._find_pid1()
-        self._wait_for_boot()
+        try:
+            self.pid1 = self._find_pid1()
+            self._wait_for_boot()
+        except BaseException:
+            self.close()  # a container that did not boot must not outlive the test
+            raise
 
     def _wait_for_boot(self, timeout: float = 120.0) -> None:
         # systemctl fails until PID 1 listens on its private socket.
