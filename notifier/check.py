@@ -12,6 +12,7 @@ fix (``NOTIFIER_COUCH_PASSWORD``, ``[smtp] password_file``…), never its value.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ from notifier.errors import (
     TransientDeliveryError,
 )
 from notifier.mailer import SmtpPool
+from notifier.retries import INDEX as RETRY_INDEX
+from notifier.retries import summarise
 from notifier.worker import FAILED, NOTIFIED, SELECTOR, stop_timeout
 
 __all__ = ["CheckReport", "CheckResult", "LooksSettled", "count_looks_settled", "run_checks"]
@@ -138,6 +141,7 @@ DATABASE = "messages database"
 CHECKPOINT_DATABASE = "checkpoint database"
 SELECTOR_FILTER = "_selector filter"
 SETTLED_FLAGS = "settled flags"
+DEFERRED = "deferred messages"
 SMTP_CONNECTION = "SMTP connection"
 SMTP_SENDER = "SMTP sender"
 
@@ -150,7 +154,9 @@ async def run_checks(
     The steps, in order: the CouchDB server answers, it accepts the
     credentials, the messages database exists, the checkpoint database exists
     (or a worker will create it), CouchDB accepts the ``_selector`` filter the
-    worker uses, the SMTP server takes a connection (with TLS and login as
+    worker uses, no document looks settled without having been, ``_find``
+    finds the deferred messages (and whether their index exists), the SMTP
+    server takes a connection (with TLS and login as
     configured), and it accepts ``[email] sender`` in a ``MAIL FROM`` (which is
     then reset: no message is sent). A failure skips only the steps that
     cannot run without it: with CouchDB unreachable, SMTP is still checked.
@@ -183,7 +189,7 @@ async def _attempt(awaitable: Awaitable[T]) -> T | CouchError:
 async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> None:
     c = config.couch
     url = couch.url
-    later = [COUCH_LOGIN, DATABASE, CHECKPOINT_DATABASE, SELECTOR_FILTER, SETTLED_FLAGS]
+    later = [COUCH_LOGIN, DATABASE, CHECKPOINT_DATABASE, SELECTOR_FILTER, SETTLED_FLAGS, DEFERRED]
 
     # 1. Anything answering at all. CouchDB answers GET / without credentials,
     # but refuses wrong ones even there (401): that is the next step's failure.
@@ -289,6 +295,7 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
     if not db_exists:
         checks.skip(SELECTOR_FILTER, f"needs the database {c.database!r}")
         checks.skip(SETTLED_FLAGS, f"needs the database {c.database!r}")
+        checks.skip(DEFERRED, f"needs the database {c.database!r}")
         return
     try:
         answer = await couch.request(
@@ -313,6 +320,7 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
             fix = _access_fix(e, c.database)
         checks.fail(SELECTOR_FILTER, e, short_reason(e), fix)
         checks.skip(SETTLED_FLAGS, "the _selector filter failed")
+        checks.skip(DEFERRED, "the _selector filter failed")
         return
     if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
         checks.fail(
@@ -322,6 +330,7 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
             "check that [couch] url points at CouchDB itself, not at a proxy or another server",
         )
         checks.skip(SETTLED_FLAGS, "the _selector filter failed")
+        checks.skip(DEFERRED, "the _selector filter failed")
         return
     checks.ok(SELECTOR_FILTER, f"accepted on _changes of {c.database!r}")
 
@@ -333,6 +342,28 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
         checks.warn(SETTLED_FLAGS, looks.describe(), LooksSettled.FIX)
     else:
         checks.ok(SETTLED_FLAGS, f"no document in {c.database!r} has {NOTIFIED} other than true")
+
+    # 7. Deferred messages are found again with _find; its index keeps that cheap.
+    summary = await _attempt(summarise(couch, c.database, now=time.time()))
+    if isinstance(summary, CouchError):
+        fix = (
+            "notifier finds deferred and scheduled messages with _find: it needs Apache "
+            "CouchDB 2.0 or later, or PouchDB Server"
+            if summary.status in (400, 404, 501)
+            else _access_fix(summary, c.database)
+        )
+        checks.fail(DEFERRED, summary, short_reason(summary), fix)
+    elif not summary.indexed:
+        # As for the checkpoint database: the first worker makes it, if it may.
+        checks.ok(
+            DEFERRED,
+            f"{summary.describe()} yet: the first worker creates it (that needs a database "
+            "admin; otherwise each look for due messages scans the database, until an admin "
+            f"runs POST /{c.database}/_index with "
+            f"{json.dumps(RETRY_INDEX, separators=(',', ':'))})",
+        )
+    else:
+        checks.ok(DEFERRED, summary.describe())
 
 
 #: Documents that look settled to the selector but were never sent:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -169,6 +170,55 @@ async def find_pages(
             bookmark = mark
         else:
             skip += len(docs)
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredSummary:
+    """What ``notifier check`` says of the deferred messages of a database."""
+
+    #: Deferred (or scheduled) messages counted, and of those, due now.
+    deferred: int
+    due: int
+    #: True when the count stopped at its cap: there are at least that many.
+    capped: bool
+    #: Whether the index on the due time exists.
+    indexed: bool
+
+    def describe(self) -> str:
+        more = "at least " if self.capped else ""
+        index = "the retry index is there" if self.indexed else "no retry index"
+        return f"{more}{self.deferred} deferred or scheduled, {self.due} of them due now; {index}"
+
+
+#: How many deferred messages ``check`` counts at most.
+SUMMARY_CAP = 1000
+
+
+async def summarise(couch: CouchClient, database: str, *, now: float) -> DeferredSummary:
+    """Count a database's deferred messages (up to :data:`SUMMARY_CAP`), those due at
+    ``now``, and whether the index exists. Raises CouchError as requests do."""
+    listed = await couch.request("GET", f"/{quote(database, safe='')}/_index")
+    names = [i.get("name") for i in listed.get("indexes", []) if isinstance(i, Mapping)]
+    selector = {**due_selector(0), f"{RETRY}.due": {"$gte": 0}}
+    deferred = due = 0
+    now_ms = now * 1000
+    async for page in find_pages(
+        couch, database, selector, fields=["_id", RETRY], page_size=min(100, SUMMARY_CAP)
+    ):
+        for doc in page:
+            deferred += 1
+            retry = doc.get(RETRY)
+            when = retry.get("due") if isinstance(retry, Mapping) else None
+            if isinstance(when, int | float) and when <= now_ms:
+                due += 1
+        if deferred >= SUMMARY_CAP:
+            break
+    return DeferredSummary(
+        deferred=deferred,
+        due=due,
+        capped=deferred >= SUMMARY_CAP,
+        indexed=INDEX["name"] in names,
+    )
 
 
 def _no_find(database: str, error: CouchFatalError) -> CouchFatalError:

@@ -36,6 +36,7 @@ from notifier.config import Config
 from notifier.couch import CouchClient
 from notifier.errors import CouchError, DeliveryError, SmtpLoginRefused
 from notifier.lease import Holder, Lease
+from notifier.retries import INDEX as RETRY_INDEX
 from notifier.shard import Shard
 from notifier.status import StatusReport, WorkerStatus, gather_status
 from notifier.testing import free_port
@@ -54,10 +55,11 @@ CHECKS = [
     "checkpoint database",
     "_selector filter",
     "settled flags",
+    "deferred messages",
     "SMTP connection",
     "SMTP sender",
 ]
-COUCH_AFTER_SERVER = CHECKS[2:7]
+COUCH_AFTER_SERVER = CHECKS[2:8]
 
 
 @dataclass
@@ -150,7 +152,7 @@ async def test_check_passes_on_a_good_setup_and_sends_nothing(
     assert report.ok and report.first_error is None, report.render()
     assert_marks(report, {})
     text = report.render()
-    assert text.endswith("all 9 checks passed\n")
+    assert text.endswith("all 10 checks passed\n")
     assert f"{backend.database!r} exists: 0 documents" in text
     # Not created by check: a worker creates it.
     assert "does not exist yet: the first worker creates it" in text
@@ -206,7 +208,7 @@ async def test_check_names_refused_couch_credentials_and_still_checks_smtp(
     assert isinstance(report.first_error, CouchError)
     assert isinstance(report.first_error, PermissionError)
     text = report.render()
-    assert "fix: " in text and "1 of 9 checks failed" in text
+    assert "fix: " in text and "1 of 10 checks failed" in text
     assert "s3cret-but-wrong" not in text and "the-right-one" not in text
 
 
@@ -230,7 +232,13 @@ async def test_check_names_a_missing_database(store: Backend, smtp_sink: SmtpSin
     report = await run_checks(config, transport=store.transport)
 
     assert_marks(
-        report, {"messages database": "FAIL", "_selector filter": "skip", "settled flags": "skip"}
+        report,
+        {
+            "messages database": "FAIL",
+            "_selector filter": "skip",
+            "settled flags": "skip",
+            "deferred messages": "skip",
+        },
     )
     failed = by_name(report)["messages database"]
     assert failed.detail == f"'no_such_db_here' does not exist on {store.url}"
@@ -858,3 +866,33 @@ async def test_check_and_status_count_documents_that_look_settled_but_never_were
     assert "3 documents with notifiedRecipient other than true" in text
     assert "hint: the feed's selector skips every document that has notifiedRecipient" in text
     assert status.to_json()["looks_settled"]["count"] == 3
+
+
+async def test_check_counts_deferred_messages_and_says_when_their_index_is_missing(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    now_ms = int(time.time() * 1000)
+    docs = [
+        {"_id": "d-due", "to": "a@example.com", "notificationRetry": {"due": now_ms - 1000}},
+        {"_id": "d-later", "to": "b@example.com", "notificationRetry": {"due": now_ms + 60_000}},
+        {"_id": "d-sent", "notifiedRecipient": True, "notificationRetry": {"due": 1}},
+        {"_id": "m-new", "to": "c@example.com"},
+    ]
+    async with store.client() as couch:
+        for doc in docs:
+            await couch.put_doc(store.database, doc)
+
+    report = await run_checks(config, transport=store.transport)
+    deferred = by_name(report)["deferred messages"]
+    assert report.ok, report.render()
+    assert deferred.detail.startswith(
+        "2 deferred or scheduled, 1 of them due now; no retry index yet: the first worker"
+    )
+    assert "/_index with" in deferred.detail and '"name":"retry-due"' in deferred.detail
+
+    async with store.client() as couch:
+        await couch.request("POST", f"/{store.database}/_index", json_body=dict(RETRY_INDEX))
+    report = await run_checks(config, transport=store.transport)
+    deferred = by_name(report)["deferred messages"]
+    assert deferred.detail == "2 deferred or scheduled, 1 of them due now; the retry index is there"
