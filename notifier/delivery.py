@@ -99,12 +99,13 @@ class Delivery:
         await self._handler.check()
 
     async def attempt(
-        self, doc: Mapping[str, Any], *, still_ours: Callable[[], bool] = lambda: True
+        self, doc: Mapping[str, Any], *, may_send: Callable[[], bool] = lambda: True
     ) -> Outcome:
         """Deliver ``doc`` once the relay and the pace allow; see the module docstring.
 
-        ``still_ours`` is asked before each try; when it says no (another
-        worker took the message over) the attempt ends in :class:`Abandoned`.
+        ``may_send`` is asked before each try; when it says no (another
+        worker took the message over, or the lease is in doubt) the attempt
+        ends in :class:`Abandoned`.
         Raises :class:`Abandoned` too when the worker stops while waiting.
         """
         recipient = str(doc.get("to", ""))
@@ -112,7 +113,7 @@ class Delivery:
         throttled_since: float | None = None
         while True:
             probe = await self._turn()
-            if not still_ours():
+            if not may_send():
                 self._release(probe)
                 raise Abandoned
             slots = await self.pacer.turn(domain)

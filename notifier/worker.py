@@ -810,7 +810,7 @@ class Worker:
     async def _deliver_claimed(self, claimed: _Claimed) -> Outcome:
         """Attempt delivery while a keeper renews our claim every third of its ttl."""
         if self.claimant is None or not self.claimant.owns(claimed.doc):
-            return await self.delivery.attempt(claimed.doc, still_ours=self._may_send)
+            return await self.delivery.attempt(claimed.doc, may_send=self._may_send)
         every = self.claimant.ttl / 3
         keeper: asyncio.Task[None] | None = None
 
@@ -823,7 +823,7 @@ class Worker:
         timer = asyncio.get_running_loop().call_later(every, start_keeper)
         try:
             return await self.delivery.attempt(
-                claimed.doc, still_ours=lambda: not claimed.lost and self._may_send()
+                claimed.doc, may_send=lambda: not claimed.lost and self._may_send()
             )
         except Abandoned:
             if claimed.lost:
