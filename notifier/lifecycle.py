@@ -223,6 +223,9 @@ def decide(
         return Forget("settled")
     retry = RetryState.of(doc)
     if outcome is None:
+        if claim is not None and claim.verdict is Verdict.HELD:
+            # Another worker is at it: whatever it does, it must not be undone.
+            return Wait(claim.reason)
         try:
             send_at = parse_send_at(doc.get(SEND_AT))
         except BadSendAt as e:
@@ -235,8 +238,6 @@ def decide(
             return _defer(retry, due=hold, now=now, worker=worker, scheduled=True)
         if claim is None or claim.verdict is Verdict.MINE:
             return Send()
-        if claim.verdict is Verdict.HELD:
-            return Wait(claim.reason)
         return Claim(claim.reason, takeover=claim.verdict is Verdict.ABANDONED)
     attempts = (retry.attempts if retry else 0) + (
         1 if not isinstance(outcome, Failed) or outcome.counts else 0
@@ -290,6 +291,23 @@ def _defer(
         state["scheduled"] = True
     kind: WriteKind = "scheduled" if scheduled else "deferred"
     return Write(kind, {RETRY: state}, (CLAIM,), reply or f"until {iso(due)}")
+
+
+def dead_letter_instead(deferral: Write, why: str, *, now: float, worker: str) -> Write:
+    """The dead letter for a message whose deferral CouchDB refused (``why``)."""
+    state = deferral.set.get(RETRY, {})
+    last = f"; last reply: {state['lastReply']}" if state.get("lastReply") else ""
+    reason = f"CouchDB refused to record its deferral ({why}){last}"
+    attempts = state.get("attempts") if isinstance(state.get("attempts"), int) else 0
+    return _dead_letter(reason[:500], None, now=now, worker=worker, attempts=attempts)
+
+
+def dead_letter_for_bug(error: BaseException, *, now: float, worker: str) -> Write:
+    """The dead letter for a document that :func:`decide` itself failed on (a bug):
+    better one message set aside, with the error as its reason, than a worker
+    that fails on it after every restart."""
+    reason = f"unexpected error deciding what to do: {type(error).__name__}: {error}"
+    return _dead_letter(reason[:500], None, now=now, worker=worker)
 
 
 def _dead_letter(

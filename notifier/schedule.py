@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
 )
-#: Epoch milliseconds beyond this (year 10000) are no date a person meant.
-_MAX_EPOCH_MS = 253_402_300_800_000
+#: Epoch seconds of 9999-12-31T23:59:59Z: the last time RFC 3339 and
+#: Python's datetime can both write. No date a person meant lies beyond it.
+_MAX_EPOCH = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,7 @@ def parse_send_at(value: object) -> float | None:
     if isinstance(value, bool):
         raise BadSendAt(f"'sendAt' is a boolean ({value!r}), expected a time")
     if isinstance(value, int | float):
-        if not 0 <= value <= _MAX_EPOCH_MS or value != value:
+        if not 0 <= value <= _MAX_EPOCH * 1000 or value != value:
             raise BadSendAt(f"'sendAt' is out of range for epoch milliseconds: {value!r}")
         return float(value) / 1000
     if isinstance(value, str):
@@ -109,11 +110,15 @@ def parse_send_at(value: object) -> float | None:
         if _RFC3339.fullmatch(text):
             try:
                 parsed = datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
-            except ValueError as e:
+                epoch = parsed.astimezone(UTC).timestamp()
+            except (ValueError, OverflowError) as e:
+                # Also a valid text whose offset takes it outside years 1-9999.
                 raise BadSendAt(
                     f"'sendAt' is not a valid date and time: {value[:60]!r} ({e})"
                 ) from None
-            return parsed.astimezone(UTC).timestamp()
+            if epoch > _MAX_EPOCH:
+                raise BadSendAt(f"'sendAt' is after the year 9999: {value[:60]!r}")
+            return epoch  # a time before 1970 is in the past: now
         raise BadSendAt(
             "'sendAt' is not RFC 3339 with an offset (as 2026-12-03T09:00:00Z) nor epoch "
             f"milliseconds: {value[:60]!r}"
@@ -124,10 +129,14 @@ def parse_send_at(value: object) -> float | None:
 def iso(epoch: float) -> str:
     """An epoch time as UTC RFC 3339 with milliseconds, as stored on documents.
 
-    >>> iso(1796288400.0)
-    '2026-12-03T09:00:00.000+00:00'
+    Total: a time outside 1970 to 9999 (a hand-edited document) is written at
+    the nearest end, never raised about.
+
+    >>> iso(1796288400.0), iso(-1e16)
+    ('2026-12-03T09:00:00.000+00:00', '1970-01-01T00:00:00.000+00:00')
     """
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds")
+    clamped = min(max(epoch, 0.0), float(_MAX_EPOCH))
+    return datetime.fromtimestamp(clamped, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def span(seconds: float) -> str:

@@ -56,6 +56,21 @@ def test_a_fresh_message_is_sent_or_claimed_first() -> None:
     assert step(DOC, claim=Assessment(Verdict.ABANDONED, "gone")) == Claim("gone", takeover=True)
 
 
+def test_a_message_another_worker_holds_is_waited_for_before_anything_is_written() -> None:
+    # Even with a sendAt ahead (clocks differ): our deferral would take its claim away.
+    held = Assessment(Verdict.HELD, "by 1/2")
+    doc = {**DOC, SEND_AT: "2027-01-15T09:00:00Z"}
+    assert step(doc, claim=held) == Wait("by 1/2")
+    assert step(deferred(NOW + 60), claim=held) == Wait("by 1/2")
+
+
+def test_a_dead_letter_with_an_absurd_first_failure_time_still_writes() -> None:
+    doc = deferred(NOW - 1, since=-(10**19))
+    write = step(doc, outcome=Failed("451 still"))
+    assert write.kind == "dead"
+    assert write.apply(doc)[FAILED]["firstFailedAt"] == "1970-01-01T00:00:00.000+00:00"
+
+
 def test_a_sent_message_is_marked_and_loses_its_claim_and_retry_state() -> None:
     doc = {**deferred(NOW - 1), CLAIM: {"run": "r"}}
     write = step(doc, outcome=Sent({"messageId": "<x@y>"}))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from notifier.schedule import BadSendAt, RetrySchedule, parse_send_at, span
+from notifier.schedule import BadSendAt, RetrySchedule, iso, parse_send_at, span
 
 
 def test_delays_double_from_first_up_to_the_cap() -> None:
@@ -92,6 +92,11 @@ def test_send_at_in_either_form(value: object, epoch: float | None) -> None:
         (-1, "out of range"),
         (float("nan"), "out of range"),
         (10**17, "out of range"),
+        (253402300800000, "out of range"),  # a millisecond after 9999
+        # Valid text whose offset takes it outside the years datetime can hold.
+        ("0001-01-01T00:00:00+01:00", "not a valid date"),
+        ("9999-12-31T23:59:59-01:00", "not a valid date"),
+        ("9999-12-31T23:59:59.9999999+00:00", "after the year 9999"),
         ([2026], "list"),
         ({"at": 1}, "dict"),
     ],
@@ -99,6 +104,15 @@ def test_send_at_in_either_form(value: object, epoch: float | None) -> None:
 def test_a_bad_send_at_is_refused_with_the_reason(value: object, why: str) -> None:
     with pytest.raises(BadSendAt, match=why):
         parse_send_at(value)
+
+
+def test_a_send_at_before_1970_is_in_the_past() -> None:
+    assert (parse_send_at("1969-07-20T20:17:40Z") or 0) < 0
+
+
+def test_iso_never_raises_on_a_hand_edited_time() -> None:
+    assert iso(-1e16) == "1970-01-01T00:00:00.000+00:00"
+    assert iso(1e20).startswith("9999-12-31T23:59:59")
 
 
 def test_spans_read_well() -> None:
