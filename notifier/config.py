@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from notifier.errors import ConfigError
-from notifier.pacing import DomainLimit
+from notifier.pacing import DomainLimit, domain_key
 from notifier.templates import compile_template
 
 COUCH_PASSWORD_ENV = "NOTIFIER_COUCH_PASSWORD"  # noqa: S105 (a variable name)
@@ -490,7 +490,7 @@ def _domain_limits(value: Any, where: str) -> dict[str, DomainLimit]:
     limits: dict[str, DomainLimit] = {}
     for domain, table in value.items():
         at = f'{where[:-1]}."{domain}"]'
-        name = domain.strip().lower()
+        name = domain_key(domain)
         if not name or "@" in name or any(c.isspace() for c in name):
             raise ConfigError(f'{at}: expected a domain name such as "example.com"')
         if not isinstance(table, dict):

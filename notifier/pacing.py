@@ -328,11 +328,25 @@ class Pacer:
 
 
 def recipient_domain(address: object) -> str:
-    """The lower-cased domain of an address, or "" when there is none.
+    """The lower-cased domain of an address, in its IDNA (``xn--``) form as it is
+    sent, or "" when there is none.
 
-    >>> recipient_domain("Ann@Example.COM"), recipient_domain(None)
-    ('example.com', '')
+    >>> recipient_domain("Ann@Example.COM"), recipient_domain("a@bücher.example")
+    ('example.com', 'xn--bcher-kva.example')
+    >>> recipient_domain(None)
+    ''
     """
     if not isinstance(address, str):
         return ""
-    return address.rpartition("@")[2].strip().lower()
+    return domain_key(address.rpartition("@")[2])
+
+
+def domain_key(domain: str) -> str:
+    """A domain as limits are keyed: lower case, IDNA where it has non-ASCII letters."""
+    domain = domain.strip().lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain

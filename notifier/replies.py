@@ -7,8 +7,9 @@ matching :mod:`notifier.errors` exception; the worker acts on the class:
 class           replies                                        what follows
 ==============  ============================================  ===============================
 ``THROTTLED``   421; 454; any 4xx with an enhanced code        the sender slows down; the
-                4.7.x; any 4xx whose text speaks of a rate,    message is tried again without
-                throttling, too many messages or a quota       using up an attempt
+                4.7.x; any other 4xx (but 4.2.x, the           message is tried again without
+                mailbox's own) whose text speaks of a rate,    using up an attempt
+                throttling, too many messages or a quota
 ``TRANSIENT``   any other 4xx                                  the message is deferred and
                                                                retried on the schedule
 ``PERMANENT``   5xx                                            the message is dead-lettered
@@ -19,8 +20,9 @@ code out of range) is taken as transient: nothing is dead-lettered on a
 misunderstanding.
 
 A temporary refusal that says it is greylisting (:func:`is_greylisting`)
-is about that one recipient, by design: it never counts towards a relay
-outage, however many new recipients a backlog holds.
+is about that one recipient, by design, whatever its code: it is
+``TRANSIENT``, and never counts towards a relay outage, however many new
+recipients a backlog holds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 # "454 Throttling failure: Maximum sending rate exceeded"; Microsoft: "451
 # 4.7.500 Server busy"; Postfix anvil: "421 4.7.0 Error: too many connections").
 _RATE_WORDS = re.compile(
-    r"rate|throttl|too many|quota|try again later.*(messages|connections)|slow down",
+    r"\brates?\b|throttl|too many|quota|try again later.*(messages|connections)|slow down",
     re.IGNORECASE,
 )
 
@@ -75,11 +77,17 @@ def classify(code: int, text: str = "") -> ReplyClass:
         return ReplyClass.PERMANENT
     if not 400 <= code <= 499:
         return ReplyClass.TRANSIENT
+    if is_greylisting(text):
+        # "451 4.7.1 Greylisting in action": about this recipient, whatever
+        # the code says; slowing everyone down would not make it pass sooner.
+        return ReplyClass.TRANSIENT
     if code in (421, 454):
         return ReplyClass.THROTTLED
     enhanced = enhanced_code(text)
     if enhanced is not None and enhanced[:2] == (4, 7):
         return ReplyClass.THROTTLED
+    if enhanced is not None and enhanced[:2] == (4, 2):
+        return ReplyClass.TRANSIENT  # the mailbox's own trouble ("over quota"), not our pace
     if _RATE_WORDS.search(text):
         return ReplyClass.THROTTLED
     return ReplyClass.TRANSIENT

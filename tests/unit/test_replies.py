@@ -23,6 +23,12 @@ T, R, P = ReplyClass.THROTTLED, ReplyClass.TRANSIENT, ReplyClass.PERMANENT
         (450, "Requested action not taken: rate limit exceeded", T),
         (452, "Too many recipients received this hour", T),
         (451, "Daily sending quota exceeded", T),
+        # Greylisting is about one recipient, whatever its code says.
+        (451, "4.7.1 Greylisting in action, please come back later", R),
+        (450, "4.7.1 <a@b.c>: Recipient address rejected: greylisted", R),
+        # A word that merely contains "rate", and a mailbox's own quota.
+        (451, "4.3.0 Temporary failure: separate delivery generated", R),
+        (452, "4.2.2 Mailbox over quota", R),
         # Other temporary refusals.
         (451, "4.3.5 Server configuration problem", R),  # Postfix
         (450, "4.2.0 Recipient address rejected: Greylisted", R),  # postgrey
