@@ -353,6 +353,15 @@ async def _check_couch(config: Config, couch: CouchClient, checks: _Checks) -> N
             else _access_fix(summary, c.database)
         )
         checks.fail(DEFERRED, summary, short_reason(summary), fix)
+    elif summary.odd:
+        checks.warn(
+            DEFERRED,
+            summary.describe(),
+            "a notificationRetry without a numeric due keeps a message out of the feed and of "
+            "the look for due messages (a hand edit?); workers take such messages as due when "
+            "they start and every hour; to have them sent now, remove notificationRetry from "
+            "them",
+        )
     elif not summary.indexed:
         # As for the checkpoint database: the first worker makes it, if it may.
         checks.ok(

@@ -7,14 +7,16 @@ takes its turn under the pace (:class:`~notifier.pacing.Pacer`), calls the
 handler, and turns what happened into a :mod:`notifier.lifecycle` outcome:
 
 * accepted: :class:`~notifier.lifecycle.Sent`;
-* refused for good: :class:`~notifier.lifecycle.Refused` (a dead letter);
+* refused for good: :class:`~notifier.lifecycle.Refused` (a dead letter); a
+  document that cannot become a message at all says nothing of the relay;
 * refused for now: :class:`~notifier.lifecycle.Failed` (deferred), unless
   the relay is paused, in which case the message waits here and uses up no
   attempt (a greylisting refusal never pauses the relay: it is about one
   recipient);
 * throttled: the pace slows down and the message tries again here, without
-  using up an attempt, for up to ``throttle_hold`` seconds; then it is
-  deferred, still without using up an attempt;
+  using up an attempt, for up to ``throttle_hold`` seconds (or until the
+  worker stops); then it is deferred, still without using up an attempt. A
+  throttled probe keeps the relay paused;
 * the relay cannot be reached at all: the breaker opens, the message waits;
 * an unexpected error (a bug, a template that raises): deferred like a
   temporary failure, never dead-lettered for it; ``crash_limit`` of them in
@@ -39,6 +41,7 @@ from notifier.errors import (
     ChannelUnavailableError,
     DeliveryError,
     HandlerCrashing,
+    InvalidMessageError,
     PermanentDeliveryError,
     ThrottledDeliveryError,
     TransientDeliveryError,
@@ -113,25 +116,38 @@ class Delivery:
         throttled_since: float | None = None
         while True:
             probe = await self._turn()
+            slots = await self.pacer.turn(domain)
+            # Asked after the pace's wait too, which can be long: the lease
+            # or the claim may have been lost meanwhile.
             if not may_send():
+                self.pacer.done(slots)
                 self._release(probe)
                 raise Abandoned
-            slots = await self.pacer.turn(domain)
             try:
                 started = self._clock()
                 receipt = await self._handler.deliver(doc)
+            except InvalidMessageError as e:
+                # Refused before the relay was asked: it says nothing of the relay.
+                self._release(probe)
+                self._streak.succeeded()
+                return Refused(str(e))
             except PermanentDeliveryError as e:
                 self._answered(probe)
                 return Refused(str(e))
             except ThrottledDeliveryError as e:
-                # The relay answers, so it is up; it wants us slower.
-                self._answered(probe)
                 self.throttled += 1
                 self.pacer.throttled()
                 log.debug("message %s: throttled: %s", doc.get("_id"), e)
+                if probe:
+                    # A paused relay that now says "slow down" (a 421 while
+                    # it restarts) is not back yet: probe again later.
+                    self._failed(recipient, e, probe=True)
+                    continue
+                self._streak.succeeded()
                 now = self._clock()
                 throttled_since = throttled_since if throttled_since is not None else now
-                if now - throttled_since >= self._throttle_hold:
+                if self._stopping.is_set() or now - throttled_since >= self._throttle_hold:
+                    # Written on the document rather than tried on through a stop.
                     return Failed(str(e), counts=False)
                 continue
             except ChannelUnavailableError as e:

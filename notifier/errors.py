@@ -19,6 +19,7 @@ again later can help: callers retry ``CouchTransientError`` and
     ├── HandlerCrashing             unexpected errors hit many messages in a row (a bug)
     └── DeliveryError               the handler could not deliver a message
         ├── PermanentDeliveryError  the message can never go: dead-letter it
+        │   └── InvalidMessageError  the document cannot become a message (no relay asked)
         ├── TransientDeliveryError  try again later (SMTP 4xx, dropped connection)
         │   ├── ThrottledDeliveryError   the relay asks the sender to slow down
         │   └── ChannelUnavailableError  the SMTP server cannot be reached at all
@@ -111,6 +112,13 @@ class DeliveryError(NotifierError):
 
 class PermanentDeliveryError(DeliveryError):
     """The message cannot be delivered, ever; ``str(error)`` is the dead-letter reason."""
+
+
+class InvalidMessageError(PermanentDeliveryError):
+    """The document cannot become a message at all (no recipient, a bad field).
+
+    Found before any relay was asked, so it says nothing about the relay.
+    """
 
 
 class TransientDeliveryError(DeliveryError):

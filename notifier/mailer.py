@@ -43,6 +43,7 @@ from notifier.errors import (
     ChannelUnavailableError,
     DeliveryError,
     DeliveryFatalError,
+    InvalidMessageError,
     PermanentDeliveryError,
     SmtpLoginRefused,
     ThrottledDeliveryError,
@@ -312,7 +313,10 @@ class EmailHandler:
         await self.pool.check()
 
     async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
-        email = self.composer.compose(doc)
+        try:
+            email = self.composer.compose(doc)
+        except PermanentDeliveryError as e:
+            raise InvalidMessageError(str(e)) from None
         where = self.pool.where
         try:
             async with self.pool.connection() as client:

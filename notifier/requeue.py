@@ -15,9 +15,9 @@ document is written with the ``_rev`` that was read. A 409 (a person, or a
 second requeue, wrote first) re-reads the document and decides again; a
 document that is no longer a dead letter is reported and left alone.
 
-Dead letters are found with ``_find`` on ``notificationFailed``, candidates
-first (ids and failures only), then read and written in batches of
-:data:`BATCH`, so a large backlog never sits in memory whole.
+Dead letters are found with ``_find`` on ``notificationFailed``: first the
+candidates' ids and failures (a few hundred bytes each), then the documents
+themselves, read and written in batches of :data:`BATCH`.
 """
 
 from __future__ import annotations

@@ -53,6 +53,28 @@ INDEX: Mapping[str, Any] = {
 }
 
 
+#: Seconds between looks for deferred messages with an odd ``notificationRetry``.
+ODD_LOOK_EVERY = 3600.0
+
+#: Every unsettled message that has a ``notificationRetry`` at all.
+RETRY_SELECTOR: Mapping[str, Any] = {
+    RETRY: {"$exists": True},
+    NOTIFIED: {"$exists": False},
+    FAILED: {"$exists": False},
+}
+
+
+def is_odd(doc: Mapping[str, Any]) -> bool:
+    """Whether ``doc``'s ``notificationRetry`` lacks a numeric ``due``.
+
+    >>> is_odd({RETRY: {"due": 5}}), is_odd({RETRY: {"due": "5"}}), is_odd({RETRY: None})
+    (False, True, True)
+    """
+    retry = doc.get(RETRY)
+    due = retry.get("due") if isinstance(retry, Mapping) else None
+    return isinstance(due, bool) or not isinstance(due, int | float)
+
+
 def due_selector(now_ms: int) -> dict[str, Any]:
     """The ``_find`` selector for messages due at ``now_ms``.
 
@@ -124,7 +146,23 @@ class DueMessages:
     async def due(self, now: float) -> AsyncIterator[list[Doc]]:
         """Pages of this shard's messages due at ``now`` (epoch seconds)."""
         self.looks += 1
-        selector = due_selector(int(now * 1000))
+        async for docs in self._mine(due_selector(int(now * 1000))):
+            yield docs
+
+    async def odd(self) -> AsyncIterator[list[Doc]]:
+        """Pages of this shard's messages whose ``notificationRetry`` has no
+        numeric ``due`` (a hand edit): the selector keeps them out of the
+        feed and the due look cannot match them, so they are taken as due.
+
+        It reads every document with the field (no index helps), so the
+        worker looks only now and then (:data:`ODD_LOOK_EVERY`).
+        """
+        async for docs in self._mine(RETRY_SELECTOR):
+            odd = [d for d in docs if is_odd(d)]
+            if odd:
+                yield odd
+
+    async def _mine(self, selector: Mapping[str, Any]) -> AsyncIterator[list[Doc]]:
         async for docs in find_pages(
             self._couch, self._database, selector, page_size=self.page_size
         ):
@@ -176,9 +214,11 @@ async def find_pages(
 class DeferredSummary:
     """What ``notifier check`` says of the deferred messages of a database."""
 
-    #: Deferred (or scheduled) messages counted, and of those, due now.
+    #: Deferred (or scheduled) messages counted, and of those, due now, and
+    #: those whose notificationRetry has no numeric due (see is_odd).
     deferred: int
     due: int
+    odd: int
     #: True when the count stopped at its cap: there are at least that many.
     capped: bool
     #: Whether the index on the due time exists.
@@ -187,7 +227,10 @@ class DeferredSummary:
     def describe(self) -> str:
         more = "at least " if self.capped else ""
         index = "the retry index is there" if self.indexed else "no retry index"
-        return f"{more}{self.deferred} deferred or scheduled, {self.due} of them due now; {index}"
+        odd = f", {self.odd} with no numeric due time" if self.odd else ""
+        return (
+            f"{more}{self.deferred} deferred or scheduled, {self.due} of them due now{odd}; {index}"
+        )
 
 
 #: How many deferred messages ``check`` counts at most.
@@ -196,26 +239,27 @@ SUMMARY_CAP = 1000
 
 async def summarise(couch: CouchClient, database: str, *, now: float) -> DeferredSummary:
     """Count a database's deferred messages (up to :data:`SUMMARY_CAP`), those due at
-    ``now``, and whether the index exists. Raises CouchError as requests do."""
+    ``now`` and the odd ones, and whether the index exists. Reads every document
+    with ``notificationRetry`` (no index helps). Raises CouchError as requests do."""
     listed = await couch.request("GET", f"/{quote(database, safe='')}/_index")
     names = [i.get("name") for i in listed.get("indexes", []) if isinstance(i, Mapping)]
-    selector = {**due_selector(0), f"{RETRY}.due": {"$gte": 0}}
-    deferred = due = 0
+    deferred = due = odd = 0
     now_ms = now * 1000
     async for page in find_pages(
-        couch, database, selector, fields=["_id", RETRY], page_size=min(100, SUMMARY_CAP)
+        couch, database, RETRY_SELECTOR, fields=["_id", RETRY], page_size=min(100, SUMMARY_CAP)
     ):
         for doc in page:
             deferred += 1
-            retry = doc.get(RETRY)
-            when = retry.get("due") if isinstance(retry, Mapping) else None
-            if isinstance(when, int | float) and when <= now_ms:
+            if is_odd(doc):
+                odd += 1
+            elif doc[RETRY]["due"] <= now_ms:
                 due += 1
         if deferred >= SUMMARY_CAP:
             break
     return DeferredSummary(
         deferred=deferred,
         due=due,
+        odd=odd,
         capped=deferred >= SUMMARY_CAP,
         indexed=INDEX["name"] in names,
     )

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -56,7 +56,7 @@ from notifier.claim import (
     Watch,
     assess,
 )
-from notifier.couch import CouchClient, short_reason
+from notifier.couch import CouchClient, Doc, short_reason
 from notifier.delivery import Abandoned, Delivery
 from notifier.errors import (
     CouchFatalError,
@@ -82,12 +82,14 @@ from notifier.lifecycle import (
     Sent,
     Wait,
     Write,
+    dead_letter_for_bug,
+    dead_letter_instead,
     decide,
     is_settled,
 )
 from notifier.marker import BulkWriter
 from notifier.pacing import DomainLimit, Pacer
-from notifier.retries import DueMessages
+from notifier.retries import ODD_LOOK_EVERY, DueMessages
 from notifier.schedule import RetrySchedule
 from notifier.shard import Shard
 from notifier.tracker import InFlightTracker
@@ -599,16 +601,16 @@ class Worker:
         """Every ``scan_interval``, and once at start, take in this shard's deferred
         messages that are due. Like the feed, it waits for a free slot per message."""
         failing_since: float | None = None
+        odd_looked_at = float("-inf")
         while True:
-            if not self.delivery.paused:  # paused: they would only wait at the gate
+            # Paused, they would only wait at the gate; but with nothing in
+            # flight no message would ever probe the relay, so take them in.
+            if not self.delivery.paused or not self._tasks:
                 try:
-                    async for page in self._due.due(time.time()):
-                        for doc in page:
-                            doc_id = str(doc["_id"])
-                            if doc_id in self._active:
-                                continue
-                            await self._slots.acquire()
-                            self._start(self._handle(doc_id, doc, None))
+                    await self._take_in(self._due.due(time.time()))
+                    if time.monotonic() - odd_looked_at >= ODD_LOOK_EVERY:
+                        await self._take_in(self._due.odd())
+                        odd_looked_at = time.monotonic()
                 except CouchTransientError as e:
                     if failing_since is None:
                         failing_since = time.monotonic()
@@ -621,6 +623,16 @@ class Worker:
                         )
                         failing_since = None
             await asyncio.sleep(self.settings.scan_interval)
+
+    async def _take_in(self, pages: AsyncIterator[list[Doc]]) -> None:
+        """Start each message of ``pages`` not already in flight, a slot at a time."""
+        async for page in pages:
+            for doc in page:
+                doc_id = str(doc["_id"])
+                if doc_id in self._active:
+                    continue
+                await self._slots.acquire()
+                self._start(self._handle(doc_id, doc, None))
 
     def _wanted(self, change: Change) -> bool:
         """Whether a row is this worker's work; everything else only moves the checkpoint."""
@@ -683,14 +695,19 @@ class Worker:
             verdict = None
             if claims and outcome is None and doc is not None and not is_settled(doc):
                 verdict, watch = self._judge(doc, watch)
-            step = decide(
-                doc,
-                now=time.time(),
-                schedule=self.settings.schedule,
-                worker=str(self.settings.shard),
-                claim=verdict,
-                outcome=outcome,
-            )
+            try:
+                step = decide(
+                    doc,
+                    now=time.time(),
+                    schedule=self.settings.schedule,
+                    worker=str(self.settings.shard),
+                    claim=verdict,
+                    outcome=outcome,
+                )
+            except Exception as e:
+                log.exception("message %s: unexpected error deciding what to do", doc_id)
+                self.delivery.crashes += 1
+                step = dead_letter_for_bug(e, now=time.time(), worker=str(self.settings.shard))
             if isinstance(step, Forget):
                 self.stats.skipped += 1
                 log.debug("message %s: nothing to do: %s", doc_id, step.reason)
@@ -715,8 +732,11 @@ class Worker:
                     doc = await self._look_again(doc_id, within=REREAD_DELAY)
                     continue
                 except CouchTransientError:
-                    assert watch is not None
-                    watch.restart()
+                    # Only a one-shot takeover gets here. After a claim that
+                    # lapsed on our watch, the count starts again; one left by
+                    # a process known to be gone is simply tried again.
+                    if watch is not None:
+                        watch.restart()
                     doc = await self._look_again(doc_id, within=CLAIM_POLL)
                     continue
                 except DocumentRefused as e:
@@ -874,7 +894,7 @@ class Worker:
         write it on the fresh doc, keeping a user's edit; never resend."""
         database, doc_id = self.settings.database, doc["_id"]
         current: Mapping[str, Any] = doc
-        bare = False
+        asked, bare = write, False
         while True:
             try:
                 await self._couch_call(self._writer.write, write.apply(current))
@@ -897,6 +917,14 @@ class Worker:
                         short_reason(e),
                     )
                     continue
+                if write.kind in ("deferred", "scheduled"):
+                    # Not written, a deferral is found by nobody: a dead letter
+                    # at least shows, and can be requeued once CouchDB takes it.
+                    self._refused(doc_id, write.kind, e)
+                    write = dead_letter_instead(
+                        asked, short_reason(e), now=time.time(), worker=str(self.settings.shard)
+                    )
+                    continue
                 self._refused(doc_id, write.kind, e)
                 return
             fresh = await self._couch_call(self._couch.get_doc, database, doc_id)
@@ -906,9 +934,17 @@ class Worker:
             if is_settled(fresh):
                 log.info("message %s was marked by someone else meanwhile", doc_id)
                 return
+            if write.kind in ("deferred", "scheduled") and self._claimed_by_another(fresh):
+                # Another worker took it up meanwhile: it decides now; our
+                # deferral must not take its claim away.
+                log.info("message %s was claimed by another worker meanwhile", doc_id)
+                return
             # The user edited it while we were working: keep their edit, add our mark.
             current = fresh
         self._count(doc_id, write)
+
+    def _claimed_by_another(self, doc: Mapping[str, Any]) -> bool:
+        return CLAIM in doc and (self.claimant is None or not self.claimant.owns(doc))
 
     def _count(self, doc_id: str, write: Write) -> None:
         st = self.stats
@@ -933,6 +969,8 @@ class Worker:
             consequence = "it is not sent"
         elif what == "sent":
             consequence = "it was delivered and counts as done"
+        elif what in ("deferred", "scheduled"):
+            consequence = "writing a dead letter instead, so that it shows and can be requeued"
         else:
             consequence = f"its {what} outcome is not recorded; it counts as done"
         log.error(

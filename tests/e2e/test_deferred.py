@@ -137,3 +137,19 @@ async def test_a_validation_function_refusing_every_claim_is_not_a_credentials_p
         assert worker.phase == "running"
     assert smtp_sink.messages == []
     assert worker.stats.sent == 0
+
+
+async def test_a_refused_deferral_becomes_a_dead_letter_that_shows(
+    couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
+) -> None:
+    # Not written, a deferral would be found by nobody, ever.
+    guard = "function (d) { if (d.notificationRetry) { throw({forbidden: 'no retries here'}); } }"
+    couch.put({"_id": "_design/guard", "validate_doc_update": guard})
+    assert all(row.get("ok") for row in couch.bulk([message(1)]))
+    smtp_sink.reject = lambda info: "451 4.3.0 try again later"
+    async with worker_running(make_config()) as worker:
+        await wait_for(lambda: FAILED in couch.get("msg-00001"), timeout=30)
+    reason = couch.get("msg-00001")[FAILED]["reason"]
+    assert reason.startswith("CouchDB refused to record its deferral (forbidden: no retries here)")
+    assert reason.endswith("451 4.3.0 try again later")
+    assert worker.stats.unwritable >= 1

@@ -896,3 +896,19 @@ async def test_check_counts_deferred_messages_and_says_when_their_index_is_missi
     report = await run_checks(config, transport=store.transport)
     deferred = by_name(report)["deferred messages"]
     assert deferred.detail == "2 deferred or scheduled, 1 of them due now; the retry index is there"
+
+
+async def test_check_warns_of_deferred_messages_with_no_due_time(
+    store: Backend, smtp_sink: SmtpSink
+) -> None:
+    config = store.config(smtp_sink)
+    async with store.client() as couch:
+        await couch.put_doc(store.database, {"_id": "odd", "notificationRetry": {"due": "soon"}})
+        await couch.put_doc(store.database, {"_id": "ok", "notificationRetry": {"due": 1}})
+    report = await run_checks(config, transport=store.transport)
+    deferred = by_name(report)["deferred messages"]
+    assert deferred.mark == "warn", report.render()
+    assert "2 deferred or scheduled, 1 of them due now, 1 with no numeric due time" in (
+        deferred.detail
+    )
+    assert "remove notificationRetry" in report.render()

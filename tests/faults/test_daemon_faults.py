@@ -22,6 +22,7 @@ from support import DB, all_settled, assert_all_delivered_once, messages, runnin
 from notifier.claim import CLAIM
 from notifier.lifecycle import RETRY
 from notifier.shard import Shard
+from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
 from notifier.testing.smtp import SmtpSink
 from notifier.testing.worker import wait_for
@@ -197,3 +198,40 @@ async def test_a_stop_takes_in_no_more_due_messages_while_it_drains(
     assert worker.stats.abandoned == 0
     assert worker.stats.sent == len(smtp_sink.messages) == 2
     assert sum(RETRY in d for d in messages(fake)) == 28, "the rest wait for the next start"
+
+
+async def test_a_hand_edited_retry_state_without_a_due_time_is_sent_not_stuck(
+    fake: FakeCouch, smtp_sink: SmtpSink
+) -> None:
+    # The selector keeps any notificationRetry out of the feed, and the look
+    # for due messages compares numbers: these would wait forever.
+    odd = {"due": "tomorrow"}, {"attempts": 2}, "garbage", {"due": {"at": 1}}
+    for n, retry in enumerate(odd):
+        fake.put(DB, {"_id": f"msg-{n:05d}", "to": f"user{n}@example.com", RETRY: retry})
+    async with running(fake, smtp_sink):
+        await wait_for(all_settled(fake, len(odd)), timeout=20)
+    assert smtp_sink.count_by_recipient() == {f"user{n}@example.com": 1 for n in range(len(odd))}
+    assert all(RETRY not in d for d in messages(fake))
+
+
+async def test_a_paused_relay_with_nothing_in_flight_is_probed_with_due_messages(
+    fake: FakeCouch,
+) -> None:
+    # The message that paused sending leaves (deleted during the outage):
+    # then only a due deferred message can probe the relay.
+    with SmtpSink(port=free_port()) as sink:
+        async with running(fake, sink, claim_ttl=0.6, max_parallel=2) as (worker, _):
+            await asyncio.to_thread(sink.stop)
+            seed(fake, 1)
+            await wait_for(lambda: worker.delivery.paused, timeout=20)
+            doc = fake.get(DB, "msg-00000")
+            assert doc is not None
+            fake.delete(DB, "msg-00000", doc["_rev"])
+            await wait_for(lambda: worker.in_flight == 0, timeout=20)
+            assert worker.delivery.paused, "nothing answered the relay"
+            retry = {"attempts": 1, "due": 1000, "since": 1000, "lastReply": "451 later"}
+            fake.put(DB, {"_id": "due-1", "to": "later@example.com", RETRY: retry})
+            await asyncio.to_thread(sink.start)
+            await wait_for(lambda: len(sink.messages) == 1, timeout=20)
+        assert not worker.delivery.paused
+        assert sink.count_by_recipient() == {"later@example.com": 1}
