@@ -603,6 +603,44 @@ async def test_limit_caps_the_rows_and_last_seq_resumes(backend: Backend) -> Non
     assert ids(rest["results"]) == ["c"]
 
 
+async def test_chained_reads_miss_no_document_written_meanwhile(backend: Backend) -> None:
+    """Reading on from each answer's ``last_seq`` sees every document at least once,
+    even while documents are being created and updated (claimed) during the reads.
+
+    The daemon's resync relies on this: it takes a filtered ``feed=normal``
+    answer's ``last_seq`` as a position that covers everything before it. A
+    server that answered a ``last_seq`` past a document it left out, while
+    writing it, would let the checkpoint pass a message that was never sent.
+    """
+    writers, per_writer = 3, 60
+    expected = {f"w{w}-{i}" for w in range(writers) for i in range(per_writer)}
+
+    async def write(w: int) -> None:
+        for i in range(per_writer):
+            rev = await backend.put(f"w{w}-{i}", {"to": "a@example.com"})
+            await backend.put(f"w{w}-{i}", {"to": "a@example.com", "claim": w, "_rev": rev})
+
+    seen: set[str] = set()
+    since: Any = 0
+    reads = 0
+    tasks = [asyncio.create_task(write(w)) for w in range(writers)]
+    try:
+        while True:
+            writing = not all(task.done() for task in tasks)
+            page = await backend.results(selector=NOT_YET_HANDLED, since=since, limit=20)
+            seen.update(ids(page["results"]))
+            since = page["last_seq"]
+            reads += 1
+            if not writing and not page["results"]:
+                break
+            await asyncio.sleep(0)
+    finally:
+        await asyncio.gather(*tasks)
+
+    assert reads > 2, "the reads did not overlap the writes"
+    assert sorted(expected - seen) == []
+
+
 async def test_include_docs_adds_the_current_doc(backend: Backend) -> None:
     rev = await backend.put("m1", {"to": "whaa@example.com"})
 
