@@ -148,7 +148,7 @@ class Write:
             reason = str(self.set[FAILED].get("reason", ""))[:500]
             return Write(self.kind, {FAILED: {"reason": reason}}, self.unset, self.detail)
         retry = self.set[RETRY]
-        keep = {k: retry[k] for k in ("attempts", "due", "since") if k in retry}
+        keep = {k: retry[k] for k in ("attempts", "throttled", "due", "since") if k in retry}
         return Write(self.kind, {RETRY: keep}, self.unset, self.detail)
 
 
@@ -160,6 +160,10 @@ class RetryState:
     """A document's ``notificationRetry``, read leniently (it may be hand-edited)."""
 
     attempts: int = 0
+    #: Deferrals after throttling replies: they use up no attempt, but the
+    #: next one still waits longer each time, so that a quota that stays
+    #: exhausted for hours is not asked again about every message each minute.
+    throttled: int = 0
     #: Epoch seconds of the next attempt.
     due: float | None = None
     #: Epoch seconds of the first failure (None: it has not failed yet).
@@ -171,19 +175,19 @@ class RetryState:
         """The retry state on ``doc``, or None when it has none.
 
         >>> RetryState.of({RETRY: {"attempts": 2, "due": 1500, "since": 1000}})
-        RetryState(attempts=2, due=1.5, since=1.0, last_reply=None)
+        RetryState(attempts=2, throttled=0, due=1.5, since=1.0, last_reply=None)
         >>> RetryState.of({RETRY: "garbage"})
-        RetryState(attempts=0, due=None, since=None, last_reply=None)
+        RetryState(attempts=0, throttled=0, due=None, since=None, last_reply=None)
         """
         raw = doc.get(RETRY)
         if raw is None:
             return None
         if not isinstance(raw, Mapping):
             return cls()
-        attempts = raw.get("attempts")
         last = raw.get("lastReply")
         return cls(
-            attempts=attempts if type(attempts) is int and attempts > 0 else 0,
+            attempts=_count(raw.get("attempts")),
+            throttled=_count(raw.get("throttled")),
             due=_ms(raw.get("due")),
             since=_ms(raw.get("since")),
             last_reply=last if isinstance(last, str) else None,
@@ -239,9 +243,9 @@ def decide(
         if claim is None or claim.verdict is Verdict.MINE:
             return Send()
         return Claim(claim.reason, takeover=claim.verdict is Verdict.ABANDONED)
-    attempts = (retry.attempts if retry else 0) + (
-        1 if not isinstance(outcome, Failed) or outcome.counts else 0
-    )
+    counts = not isinstance(outcome, Failed) or outcome.counts
+    attempts = (retry.attempts if retry else 0) + (1 if counts else 0)
+    throttled = (retry.throttled if retry else 0) + (0 if counts else 1)
     if isinstance(outcome, Sent):
         record = {**outcome.receipt, "sentAt": iso(now), "worker": worker, "attempts": attempts}
         return Write("sent", {NOTIFIED: True, RECORD: record}, (CLAIM, RETRY))
@@ -257,9 +261,16 @@ def decide(
             worker=worker,
             attempts=attempts,
         )
-    due = now + schedule.delay(max(attempts, 1))
+    due = now + schedule.delay(max(attempts + throttled, 1))
     return _defer(
-        retry, due=due, now=now, worker=worker, attempts=attempts, since=since, reply=outcome.reply
+        retry,
+        due=due,
+        now=now,
+        worker=worker,
+        attempts=attempts,
+        throttled=throttled,
+        since=since,
+        reply=outcome.reply,
     )
 
 
@@ -271,6 +282,7 @@ def _defer(
     worker: str,
     scheduled: bool = False,
     attempts: int | None = None,
+    throttled: int | None = None,
     since: float | None = None,
     reply: str | None = None,
 ) -> Write:
@@ -281,6 +293,9 @@ def _defer(
         "deferredAt": iso(now),
         "worker": worker,
     }
+    throttled = throttled if throttled is not None else (retry.throttled if retry else 0)
+    if throttled:
+        state["throttled"] = throttled
     since = since if since is not None else (retry.since if retry else None)
     if since is not None:
         state["since"] = _to_ms(since)
@@ -327,6 +342,10 @@ def _dead_letter(
     if retry is not None and retry.since is not None:
         record["firstFailedAt"] = iso(retry.since)
     return Write("dead", {FAILED: record}, (CLAIM, RETRY), reason)
+
+
+def _count(value: object) -> int:
+    return value if type(value) is int and value > 0 else 0
 
 
 def _ms(value: object) -> float | None:

@@ -109,6 +109,23 @@ def test_throttling_defers_without_using_up_an_attempt() -> None:
     assert write.apply(doc)[RETRY]["attempts"] == 1
 
 
+def test_throttled_deferrals_still_back_off() -> None:
+    """A quota exhausted for hours must not be asked about every message each minute."""
+    doc = dict(DOC)
+    dues = []
+    for n in range(1, 5):
+        write = step(doc, now=NOW, outcome=Failed("454 Throttling", counts=False))
+        doc = write.apply(doc)
+        assert doc[RETRY]["attempts"] == 0, "throttling uses up no attempt"
+        assert doc[RETRY]["throttled"] == n
+        dues.append(doc[RETRY]["due"] / 1000 - NOW)
+    assert dues == [60, 120, 240, 480]
+    # A counted failure after them waits on from where the throttling left off.
+    write = step(doc, now=NOW, outcome=Failed("451 4.3.5 later"))
+    assert write.apply(doc)[RETRY]["attempts"] == 1
+    assert write.apply(doc)[RETRY]["due"] / 1000 - NOW == 960
+
+
 def test_a_message_is_dead_lettered_only_at_max_age_and_names_the_last_reply() -> None:
     doc = deferred(NOW - 1, attempts=9, since=int((NOW - 86_399) * 1000))
     assert step(doc, outcome=Failed("451 still")).kind == "deferred"
