@@ -40,6 +40,7 @@ from urllib.parse import quote
 from notifier.couch import CouchClient, Doc
 from notifier.errors import CouchAccessDenied, CouchFatalError
 from notifier.lifecycle import FAILED, NOTIFIED, RETRY
+from notifier.schedule import iso, span
 from notifier.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ async def find_pages(
 
 @dataclass(frozen=True, slots=True)
 class DeferredSummary:
-    """What ``notifier check`` says of the deferred messages of a database."""
+    """What ``notifier check`` and ``status`` say of the deferred messages of a database."""
 
     #: Deferred (or scheduled) messages counted, and of those, due now, and
     #: those whose notificationRetry has no numeric due (see is_odd).
@@ -223,14 +224,46 @@ class DeferredSummary:
     capped: bool
     #: Whether the index on the due time exists.
     indexed: bool
+    #: Of the messages counted: seconds the longest-due one has waited past
+    #: its due time (a worker retries its shard's due messages within
+    #: ``scan_interval``, so a long wait means that worker is not running,
+    #: not keeping up, or waiting out a relay outage) ...
+    overdue: float | None = None
+    #: ... and the epoch seconds of the oldest first failure (a message is
+    #: dead-lettered ``max_age`` after it).
+    failing_since: float | None = None
 
     def describe(self) -> str:
+        r"""
+        >>> print(DeferredSummary(3, 1, 0, False, True, 400.0, 0.0).describe().replace(", ", ",\n"))
+        3 deferred or scheduled,
+        1 of them due now (the longest for 6m),
+        the oldest failing since 1970-01-01T00:00:00.000+00:00; the retry index is there
+        """
         more = "at least " if self.capped else ""
         index = "the retry index is there" if self.indexed else "no retry index"
         odd = f", {self.odd} with no numeric due time" if self.odd else ""
-        return (
-            f"{more}{self.deferred} deferred or scheduled, {self.due} of them due now{odd}; {index}"
+        overdue = f" (the longest for {span(self.overdue)})" if self.overdue is not None else ""
+        since = (
+            f", the oldest failing since {iso(self.failing_since)}"
+            if self.failing_since is not None
+            else ""
         )
+        return (
+            f"{more}{self.deferred} deferred or scheduled, {self.due} of them due now"
+            f"{overdue}{odd}{since}; {index}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deferred": self.deferred,
+            "due": self.due,
+            "odd": self.odd,
+            "capped": self.capped,
+            "indexed": self.indexed,
+            "overdue_seconds": None if self.overdue is None else round(self.overdue, 1),
+            "failing_since": None if self.failing_since is None else iso(self.failing_since),
+        }
 
 
 #: How many deferred messages ``check`` counts at most.
@@ -239,12 +272,15 @@ SUMMARY_CAP = 1000
 
 async def summarise(couch: CouchClient, database: str, *, now: float) -> DeferredSummary:
     """Count a database's deferred messages (up to :data:`SUMMARY_CAP`), those due at
-    ``now`` and the odd ones, and whether the index exists. Reads every document
+    ``now``, the odd ones, how long the longest-due one has waited and since when
+    the oldest has failed, and whether the index exists. Reads every document
     with ``notificationRetry`` (no index helps). Raises CouchError as requests do."""
     listed = await couch.request("GET", f"/{quote(database, safe='')}/_index")
     names = [i.get("name") for i in listed.get("indexes", []) if isinstance(i, Mapping)]
     deferred = due = odd = 0
     now_ms = now * 1000
+    earliest_due: float | None = None
+    failing_since: float | None = None
     async for page in find_pages(
         couch, database, RETRY_SELECTOR, fields=["_id", RETRY], page_size=min(100, SUMMARY_CAP)
     ):
@@ -252,8 +288,19 @@ async def summarise(couch: CouchClient, database: str, *, now: float) -> Deferre
             deferred += 1
             if is_odd(doc):
                 odd += 1
-            elif doc[RETRY]["due"] <= now_ms:
+                continue
+            retry = doc[RETRY]
+            if retry["due"] <= now_ms:
                 due += 1
+                if earliest_due is None or retry["due"] < earliest_due:
+                    earliest_due = retry["due"]
+            since = retry.get("since")
+            if (
+                isinstance(since, int | float)
+                and not isinstance(since, bool)
+                and (failing_since is None or since < failing_since)
+            ):
+                failing_since = since
         if deferred >= SUMMARY_CAP:
             break
     return DeferredSummary(
@@ -262,6 +309,8 @@ async def summarise(couch: CouchClient, database: str, *, now: float) -> Deferre
         odd=odd,
         capped=deferred >= SUMMARY_CAP,
         indexed=INDEX["name"] in names,
+        overdue=None if earliest_due is None else (now_ms - earliest_due) / 1000,
+        failing_since=None if failing_since is None else failing_since / 1000,
     )
 
 

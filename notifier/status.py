@@ -35,6 +35,7 @@ from notifier.layout import (
     workers_text,
 )
 from notifier.lease import is_released, lease_state, parse_time
+from notifier.retries import DeferredSummary, summarise
 from notifier.tracker import Seq
 
 __all__ = ["LayoutStatus", "LeaseInfo", "StatusReport", "WorkerStatus", "gather_status"]
@@ -249,6 +250,10 @@ class StatusReport:
     looks_settled: LooksSettled | None = None
     #: Why they were not counted.
     looks_settled_note: str | None = None
+    #: The deferred and scheduled messages; ``None`` if not counted ...
+    deferred: DeferredSummary | None = None
+    #: ... and why.
+    deferred_note: str | None = None
 
     @property
     def workers(self) -> list[WorkerStatus]:
@@ -286,14 +291,22 @@ class StatusReport:
             "retired_layouts": [layout.worker_count for layout in self.retired_layouts],
             "looks_settled": None if (ls := self.looks_settled) is None else ls.to_json(),
             "looks_settled_note": self.looks_settled_note,
+            "deferred": None if (d := self.deferred) is None else d.to_json(),
+            "deferred_note": self.deferred_note,
         }
 
-    def _looks_settled_lines(self) -> list[str]:
+    def _document_lines(self) -> list[str]:
+        """What the documents themselves say: the deferred ones, and any that look
+        settled but were never sent."""
+        if self.deferred is None:
+            lines = [f"Deferred messages: not counted ({self.deferred_note})."]
+        else:
+            lines = [f"Deferred messages: {self.deferred.describe()}."]
         if self.looks_settled is None:
-            return [f"Documents that look settled: not counted ({self.looks_settled_note})."]
-        if not self.looks_settled.count:
-            return []
-        return [f"{self.looks_settled.describe()}.", f"  hint: {LooksSettled.FIX}."]
+            lines.append(f"Documents that look settled: not counted ({self.looks_settled_note}).")
+        elif self.looks_settled.count:
+            lines += [f"{self.looks_settled.describe()}.", f"  hint: {LooksSettled.FIX}."]
+        return lines
 
     def render(self) -> str:
         lines = [
@@ -306,13 +319,13 @@ class StatusReport:
                 "worker has run yet (the first worker creates it). If workers are running, "
                 "check that they use the same [couch] url and checkpoint_database."
             )
-            return "\n".join([*lines, *self._looks_settled_lines()]) + "\n"
+            return "\n".join([*lines, *self._document_lines()]) + "\n"
         if not self.layouts:
             lines.append(
                 f"No checkpoint or lease of database {self.database!r} in "
                 f"{self.checkpoint_database!r}: no worker has checkpointed yet."
             )
-            return "\n".join([*lines, *self._looks_settled_lines()]) + "\n"
+            return "\n".join([*lines, *self._document_lines()]) + "\n"
         header = ("WORKER", "SINCE", "CHECKPOINTED", "AGE", "PENDING (est.)", "STALE", "LEASE")
         shortened = False
         tables: list[list[tuple[str, ...]]] = []
@@ -355,7 +368,7 @@ class StatusReport:
             lines.append(f"{len(stale)} stale: " + ", ".join(w.checkpoint_id for w in stale))
         else:
             lines.append("no stale worker")
-        lines.extend(self._looks_settled_lines())
+        lines.extend(self._document_lines())
         retired = self.retired_layouts
         if retired:
             which = ", ".join(workers_text(layout.worker_count) for layout in retired)
@@ -406,6 +419,12 @@ async def gather_status(
             looks = await count_looks_settled(couch, c.database)
         except CouchError as e:
             looks_note = short_reason(e)
+        deferred: DeferredSummary | None = None
+        deferred_note: str | None = None
+        try:
+            deferred = await summarise(couch, c.database, now=at)
+        except CouchError as e:
+            deferred_note = short_reason(e)
         if docs is None:
             return StatusReport(
                 couch_url=couch.url,
@@ -418,6 +437,8 @@ async def gather_status(
                 retire_after=retire,
                 looks_settled=looks,
                 looks_settled_note=looks_note,
+                deferred=deferred,
+                deferred_note=deferred_note,
             )
         checkpoints, leases = docs.checkpoints, docs.leases
 
@@ -501,6 +522,8 @@ async def gather_status(
         retire_after=retire,
         looks_settled=looks,
         looks_settled_note=looks_note,
+        deferred=deferred,
+        deferred_note=deferred_note,
     )
 
 

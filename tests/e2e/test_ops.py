@@ -37,6 +37,7 @@ from notifier.couch import CouchClient
 from notifier.errors import CouchError, DeliveryError, SmtpLoginRefused
 from notifier.lease import Holder, Lease
 from notifier.retries import INDEX as RETRY_INDEX
+from notifier.schedule import iso as iso_ms
 from notifier.shard import Shard
 from notifier.status import StatusReport, WorkerStatus, gather_status
 from notifier.testing import free_port
@@ -679,8 +680,19 @@ async def test_status_json_keeps_opaque_seqs_and_round_trips(
         "retired_layouts",
         "looks_settled",
         "looks_settled_note",
+        "deferred",
+        "deferred_note",
     ]
     assert data["looks_settled"] == {"count": 0, "more": False, "examples": []}
+    assert data["deferred"] == {
+        "deferred": 0,
+        "due": 0,
+        "odd": 0,
+        "capped": False,
+        "indexed": False,
+        "overdue_seconds": None,
+        "failing_since": None,
+    }
     assert data["retire_after_seconds"] == config.worker.retire_after == 604_800.0
     assert [layout["worker_count"] for layout in data["layouts"]] == [1, 2]
     assert list(data["layouts"][0]) == [
@@ -868,13 +880,15 @@ async def test_check_and_status_count_documents_that_look_settled_but_never_were
     assert status.to_json()["looks_settled"]["count"] == 3
 
 
-async def test_check_counts_deferred_messages_and_says_when_their_index_is_missing(
+async def test_check_and_status_count_deferred_messages_and_check_says_when_their_index_is_missing(
     store: Backend, smtp_sink: SmtpSink
 ) -> None:
     config = store.config(smtp_sink)
     now_ms = int(time.time() * 1000)
+    since_ms = now_ms - 3_600_000
+    retry = {"due": now_ms - 600_000, "since": since_ms}
     docs = [
-        {"_id": "d-due", "to": "a@example.com", "notificationRetry": {"due": now_ms - 1000}},
+        {"_id": "d-due", "to": "a@example.com", "notificationRetry": retry},
         {"_id": "d-later", "to": "b@example.com", "notificationRetry": {"due": now_ms + 60_000}},
         {"_id": "d-sent", "notifiedRecipient": True, "notificationRetry": {"due": 1}},
         {"_id": "m-new", "to": "c@example.com"},
@@ -886,16 +900,25 @@ async def test_check_counts_deferred_messages_and_says_when_their_index_is_missi
     report = await run_checks(config, transport=store.transport)
     deferred = by_name(report)["deferred messages"]
     assert report.ok, report.render()
-    assert deferred.detail.startswith(
-        "2 deferred or scheduled, 1 of them due now; no retry index yet: the first worker"
+    described = (
+        "2 deferred or scheduled, 1 of them due now (the longest for 10m), "
+        f"the oldest failing since {iso_ms(since_ms / 1000)}"
     )
+    assert deferred.detail.startswith(f"{described}; no retry index yet: the first worker")
     assert "/_index with" in deferred.detail and '"name":"retry-due"' in deferred.detail
 
     async with store.client() as couch:
         await couch.request("POST", f"/{store.database}/_index", json_body=dict(RETRY_INDEX))
     report = await run_checks(config, transport=store.transport)
     deferred = by_name(report)["deferred messages"]
-    assert deferred.detail == "2 deferred or scheduled, 1 of them due now; the retry index is there"
+    assert deferred.detail == f"{described}; the retry index is there"
+
+    status = await gather_status(config, transport=store.transport)
+    assert f"Deferred messages: {described}; the retry index is there." in status.render()
+    summary = status.to_json()["deferred"]
+    assert (summary["deferred"], summary["due"], summary["odd"]) == (2, 1, 0)
+    assert 600 <= summary["overdue_seconds"] < 660
+    assert summary["failing_since"] == iso_ms(since_ms / 1000)
 
 
 async def test_check_warns_of_deferred_messages_with_no_due_time(
@@ -904,11 +927,13 @@ async def test_check_warns_of_deferred_messages_with_no_due_time(
     config = store.config(smtp_sink)
     async with store.client() as couch:
         await couch.put_doc(store.database, {"_id": "odd", "notificationRetry": {"due": "soon"}})
-        await couch.put_doc(store.database, {"_id": "ok", "notificationRetry": {"due": 1}})
+        due = int(time.time() * 1000) - 7_200_000
+        await couch.put_doc(store.database, {"_id": "ok", "notificationRetry": {"due": due}})
     report = await run_checks(config, transport=store.transport)
     deferred = by_name(report)["deferred messages"]
     assert deferred.mark == "warn", report.render()
-    assert "2 deferred or scheduled, 1 of them due now, 1 with no numeric due time" in (
-        deferred.detail
-    )
+    assert (
+        "2 deferred or scheduled, 1 of them due now (the longest for 2h), "
+        "1 with no numeric due time"
+    ) in deferred.detail
     assert "remove notificationRetry" in report.render()
