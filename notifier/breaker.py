@@ -67,7 +67,7 @@ class OutageBreaker:
         recipients: int = 10,
         window: float = 60.0,
         probe_first: float = 5.0,
-        probe_max: float = 300.0,
+        probe_max: float = 120.0,
     ) -> None:
         if recipients < 1:
             raise ValueError(f"recipients must be at least 1, got {recipients}")

@@ -116,60 +116,57 @@ class Delivery:
         throttled_since: float | None = None
         while True:
             probe = await self._turn()
-            slots = await self.pacer.turn(domain)
-            # Asked after the pace's wait too, which can be long: the lease
-            # or the claim may have been lost meanwhile.
-            if not may_send():
-                self.pacer.done(slots)
-                self._release(probe)
-                raise Abandoned
-            try:
-                started = self._clock()
-                receipt = await self._handler.deliver(doc)
-            except InvalidMessageError as e:
-                # Refused before the relay was asked: it says nothing of the relay.
-                self._release(probe)
-                self._streak.succeeded()
-                return Refused(str(e))
-            except PermanentDeliveryError as e:
-                self._answered(probe)
-                return Refused(str(e))
-            except ThrottledDeliveryError as e:
-                self.throttled += 1
-                self.pacer.throttled()
-                log.debug("message %s: throttled: %s", doc.get("_id"), e)
-                if probe:
-                    # A paused relay that now says "slow down" (a 421 while
-                    # it restarts) is not back yet: probe again later.
-                    self._failed(recipient, e, probe=True)
+            async with self.pacer.slot(domain):
+                # Asked after the pace's wait too, which can be long: the lease
+                # or the claim may have been lost meanwhile.
+                if not may_send():
+                    self._release(probe)
+                    raise Abandoned
+                try:
+                    started = self._clock()
+                    receipt = await self._handler.deliver(doc)
+                except InvalidMessageError as e:
+                    # Refused before the relay was asked: it says nothing of the relay.
+                    self._release(probe)
+                    self._streak.succeeded()
+                    return Refused(str(e))
+                except PermanentDeliveryError as e:
+                    self._answered(probe)
+                    return Refused(str(e))
+                except ThrottledDeliveryError as e:
+                    self.throttled += 1
+                    self.pacer.throttled()
+                    log.debug("message %s: throttled: %s", doc.get("_id"), e)
+                    if probe:
+                        # A paused relay that now says "slow down" (a 421 while
+                        # it restarts) is not back yet: probe again later.
+                        self._failed(recipient, e, probe=True)
+                        continue
+                    self._streak.succeeded()
+                    now = self._clock()
+                    throttled_since = throttled_since if throttled_since is not None else now
+                    if self._stopping.is_set() or now - throttled_since >= self._throttle_hold:
+                        # Written on the document rather than tried on through a stop.
+                        return Failed(str(e), counts=False)
                     continue
-                self._streak.succeeded()
-                now = self._clock()
-                throttled_since = throttled_since if throttled_since is not None else now
-                if self._stopping.is_set() or now - throttled_since >= self._throttle_hold:
-                    # Written on the document rather than tried on through a stop.
-                    return Failed(str(e), counts=False)
-                continue
-            except ChannelUnavailableError as e:
-                self._streak.succeeded()
-                self._failed(recipient, e, relay_down=True, probe=probe)
-                continue
-            except TransientDeliveryError as e:
-                self._streak.succeeded()
-                if is_greylisting(str(e)) and not probe:
-                    return Failed(str(e))  # about this recipient alone, by design
-                self._failed(recipient, e, probe=probe)
-                if self.breaker.is_open:
-                    continue  # paused: this one waits, and uses up no attempt
-                return Failed(str(e))
-            except DeliveryError:
-                self._release(probe)
-                raise  # fatal for the channel: the worker stops
-            except Exception as e:
-                self._release(probe)
-                return self._crashed(doc, e)
-            finally:
-                self.pacer.done(slots)
+                except ChannelUnavailableError as e:
+                    self._streak.succeeded()
+                    self._failed(recipient, e, relay_down=True, probe=probe)
+                    continue
+                except TransientDeliveryError as e:
+                    self._streak.succeeded()
+                    if is_greylisting(str(e)) and not probe:
+                        return Failed(str(e))  # about this recipient alone, by design
+                    self._failed(recipient, e, probe=probe)
+                    if self.breaker.is_open:
+                        continue  # paused: this one waits, and uses up no attempt
+                    return Failed(str(e))
+                except DeliveryError:
+                    self._release(probe)
+                    raise  # fatal for the channel: the worker stops
+                except Exception as e:
+                    self._release(probe)
+                    return self._crashed(doc, e)
             self._answered(probe)
             if self.on_delivered is not None:
                 self.on_delivered(self._clock() - started)

@@ -12,9 +12,10 @@ Two pure cores and a thin async shell:
   second, so that the replies of one burst count once), then add a tenth of
   the configured rate each quiet second. With no configured rate the
   relay's own pace when it first complained is what is halved and recovered.
-* :class:`Pacer` is what the worker uses: ``async with pacer.slot(domain):``
+* :class:`Pacer` is what a delivery uses: ``async with pacer.slot(domain):``
   waits for the worker's turn under the overall rate and the recipient
-  domain's rate and concurrency, in arrival order.
+  domain's rate and concurrency, in arrival order, and holds the domain's
+  concurrency slot until the send ends.
 
 ``[smtp] max_rate`` is for the whole worker set. Each worker paces at
 ``max_rate / worker_count``: documents are spread evenly over the workers by
@@ -256,40 +257,25 @@ class Pacer:
         """The overall rate paced at now (None: none)."""
         return self.adaptive.limit
 
-    async def turn(self, domain: str) -> asyncio.Semaphore | None:
-        """Wait for this send's turn. Returns the domain's concurrency slot, held,
-        for :meth:`done` to give back after the send (None: the domain has none).
+    @asynccontextmanager
+    async def slot(self, domain: str) -> AsyncIterator[None]:
+        """``async with pacer.slot(domain):`` around one send: waits for its turn,
+        and holds the domain's concurrency slot (if it has one) until it ends.
 
         With no limit and no throttling seen, this only counts the send.
         """
         if not self._limited:
             self._count_send()
-            return None
-        slots = self._domain_slots.get(domain)
-        if slots is not None:
-            await slots.acquire()
-        try:
-            await self._paced(domain)
-        except BaseException:
-            if slots is not None:
-                slots.release()
-            raise
-        return slots
-
-    @staticmethod
-    def done(slots: asyncio.Semaphore | None) -> None:
-        """The send that :meth:`turn` let go has ended."""
-        if slots is not None:
-            slots.release()
-
-    @asynccontextmanager
-    async def slot(self, domain: str) -> AsyncIterator[None]:
-        """``async with pacer.slot(domain):`` around one send (:meth:`turn`, :meth:`done`)."""
-        slots = await self.turn(domain)
-        try:
             yield
-        finally:
-            self.done(slots)
+            return
+        slots = self._domain_slots.get(domain)
+        if slots is None:
+            await self._paced(domain)
+            yield
+            return
+        async with slots:
+            await self._paced(domain)
+            yield
 
     @property
     def _limited(self) -> bool:
