@@ -193,9 +193,12 @@ async def _candidates(
 ) -> list[tuple[str, Any]]:
     """(id, notificationFailed) of each dead letter that could be selected."""
     if selection.ids:
+        # Each id once: two writes of one document in a request would conflict
+        # with each other, and the report would call the requeued one skipped.
+        unique = list(dict.fromkeys(selection.ids))
         found: list[tuple[str, Any]] = []
-        for start in range(0, len(selection.ids), BATCH):
-            ids = list(selection.ids[start : start + BATCH])
+        for start in range(0, len(unique), BATCH):
+            ids = unique[start : start + BATCH]
             docs = await couch.get_docs(database, ids)
             for doc_id in ids:
                 doc = docs.get(doc_id)

@@ -99,6 +99,17 @@ async def test_requeue_by_id_says_why_it_skips_what_it_skips(
     }
 
 
+async def test_an_id_given_twice_is_requeued_once(
+    couch: CouchTestDB, make_config: MakeConfig
+) -> None:
+    seed_dead_letters(couch)
+    selection = selection_from(ids=["msg-00003", "msg-00003"])
+    report = await requeue(make_config(), selection, now=NOW.timestamp())
+    assert [(m.id, m.action) for m in report.messages] == [("msg-00003", "requeued")]
+    assert report.examined == 1
+    assert len(couch.get("msg-00003")[HISTORY]) == 1
+
+
 async def test_requeued_messages_are_sent_once_by_a_running_worker_with_the_same_id(
     couch: CouchTestDB, smtp_sink: SmtpSink, make_config: MakeConfig
 ) -> None:
