@@ -31,8 +31,9 @@ from urllib.parse import quote
 
 import httpx
 
+from notifier.couch import doc_path as doc_path  # re-exported: tests import it from here
 from notifier.testing import free_port
-from notifier.testing.remote import ServerURL, unique_database_name
+from notifier.testing.remote import ServerURL, http_client, unique_database_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_DIR = REPO_ROOT / "tests" / "servers"
@@ -147,7 +148,7 @@ class PouchDBServer:
         if not self.alive():
             return False
         try:
-            with _client(self.url, timeout) as client:
+            with http_client(self.url, timeout=timeout) as client:
                 client.get("/").raise_for_status()
         except httpx.HTTPError:
             return False
@@ -216,7 +217,7 @@ class PouchDBServer:
         # Ends the "admin party": from here on, PouchDB Server refuses
         # anonymous requests to server-wide endpoints, and to databases whose
         # _security names members (see create_database).
-        with _client(self.base_url, 5.0) as client:
+        with http_client(self.base_url, timeout=5.0) as client:
             response = client.put(f"/_config/admins/{quote(name, safe='')}", json=password)
         if response.status_code != 200:
             raise RuntimeError(
@@ -252,7 +253,7 @@ class PouchDBServer:
     def _wait_ready(self) -> None:
         assert self._proc is not None and self._scratch is not None
         deadline = time.monotonic() + self.ready_timeout
-        with _client(self.base_url, 1.0) as client:
+        with http_client(self.base_url, timeout=1.0) as client:
             while True:
                 code = self._proc.poll()
                 if code is not None:
@@ -310,17 +311,6 @@ class _PortInUseError(Exception):
 # -- database helpers --------------------------------------------------------
 
 
-def _client(base_url: str, timeout: float) -> httpx.Client:
-    # trust_env=False: a proxy from the environment must not intercept
-    # loopback requests. Accept JSON, or PouchDB Server answers text/plain.
-    return httpx.Client(
-        base_url=base_url,
-        timeout=timeout,
-        trust_env=False,
-        headers={"Accept": "application/json"},
-    )
-
-
 #: Every name unique_db_name() gave out, in order: the ``couch`` fixture
 #: deletes those of its test's run (the checkpoint databases the code under
 #: test created), since nothing else on a shared server can have them.
@@ -334,14 +324,6 @@ def unique_db_name(hint: str = "test") -> str:
     return name
 
 
-def doc_path(db: str, doc_id: str) -> str:
-    """The URL path of a document, keeping the slash of `_design/` ids."""
-    for prefix in ("_design/", "_local/"):
-        if doc_id.startswith(prefix):
-            return f"/{quote(db, safe='')}/{prefix}{quote(doc_id[len(prefix) :], safe='')}"
-    return f"/{quote(db, safe='')}/{quote(doc_id, safe='')}"
-
-
 def create_database(
     url: str, name: str, *, admin_only: bool = False, timeout: float = 10.0
 ) -> None:
@@ -350,7 +332,7 @@ def create_database(
     That is CouchDB 3's default for a new database; PouchDB Server needs it
     said in ``_security``, after which an anonymous request gets 401 there.
     """
-    with _client(url, timeout) as client:
+    with http_client(url, timeout=timeout) as client:
         response = client.put(f"/{quote(name, safe='')}")
         if response.status_code not in (201, 202):
             raise RuntimeError(
@@ -369,7 +351,7 @@ def create_database(
 
 
 def delete_database(url: str, name: str, *, timeout: float = 10.0) -> None:
-    with _client(url, timeout) as client:
+    with http_client(url, timeout=timeout) as client:
         response = client.delete(f"/{quote(name, safe='')}")
     if response.status_code not in (200, 202, 404):
         raise RuntimeError(
@@ -425,7 +407,7 @@ def scratch_database(url: str, hint: str) -> Iterator[CouchTestDB]:
         # Names the test derived from its database's (a random suffix makes
         # them its own), and the ones it asked unique_db_name for.
         doomed = set(issued_db_names[issued_before:])
-        with _client(url, 10.0) as client:
+        with http_client(url, timeout=10.0) as client:
             listing = client.get("/_all_dbs")
         if listing.status_code == 200:
             doomed.update(n for n in listing.json() if name in n)
@@ -435,7 +417,7 @@ def scratch_database(url: str, hint: str) -> Iterator[CouchTestDB]:
 
 def is_pouchdb_server(url: str, *, timeout: float = 10.0) -> bool:
     """Whether the server at ``url`` is PouchDB Server (by its welcome), not CouchDB."""
-    with _client(url, timeout) as client:
+    with http_client(url, timeout=timeout) as client:
         welcome = client.get("/").json()
     return "express-pouchdb" in welcome
 
@@ -450,7 +432,7 @@ class CouchTestDB:
     def __init__(self, url: str, name: str, *, timeout: float = 10.0) -> None:
         self.url = url
         self.name = name
-        self.client = _client(url, timeout)
+        self.client = http_client(url, timeout=timeout)
 
     @property
     def db_url(self) -> str:

@@ -179,7 +179,6 @@ def run_notifier(fake_couch: FakeCouch | RemoteCouch, smtp_sink: SmtpSink) -> Ru
         worker_count: int = 1,
         **sections: Mapping[str, Any],
     ) -> Worker:
-        fake = fake_couch if isinstance(fake_couch, FakeCouch) else None
         config = config_for(fake_couch, IN_PROCESS_URL, smtp_sink, **sections)
         return await run_until(
             config,
@@ -187,7 +186,7 @@ def run_notifier(fake_couch: FakeCouch | RemoteCouch, smtp_sink: SmtpSink) -> Ru
             timeout=timeout,
             worker_id=worker_id,
             worker_count=worker_count,
-            transport=fake.transport() if fake is not None else None,
+            transport=fake_couch.transport() if isinstance(fake_couch, FakeCouch) else None,
         )
 
     return run

@@ -38,14 +38,15 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from notifier.couch import seq_param
-from notifier.testing.fake_couch import FakeCouchError
+from notifier.couch import doc_path, seq_param
+from notifier.testing.fake_couch import FakeCouch, FakeCouchError
 
 __all__ = [
     "COUCHDB_URL_ENV",
     "RemoteCouch",
     "RemoteCouchError",
     "ServerURL",
+    "http_client",
     "server_from_environment",
     "unique_database_name",
 ]
@@ -55,28 +56,9 @@ COUCHDB_USER_ENV: Final = "COUCHDB_USER"
 COUCHDB_PASSWORD_ENV: Final = "COUCHDB_PASSWORD"  # noqa: S105 (a variable name)
 
 _DB_NAME_UNSAFE = re.compile(r"[^a-z0-9_]+")
-# What the fake has and a real server cannot do on demand.
-_FAKE_ONLY: Final = frozenset(
-    {
-        "fail_next",
-        "fail_requests",
-        "add_latency",
-        "cut_feed_after",
-        "stall_feed_after",
-        "shuffle_bulk_answers",
-        "refuse_connections",
-        "accept_connections",
-        "drop_connections",
-        "clear_faults",
-        "replay_window",
-        "events",
-        "events_of",
-        "requests",
-        "open_feeds",
-        "transport",
-        "client",
-    }
-)
+# What the fake has and a real server cannot do on demand: every attribute of
+# the FakeCouch class, and these, which only its instances have.
+_FAKE_ONLY: Final = frozenset({"replay_window", "events", "requests"})
 
 
 def unique_database_name(hint: str = "test") -> str:
@@ -170,6 +152,21 @@ def server_from_environment(environ: Mapping[str, str] | None = None) -> ServerU
         raise ValueError(f"{COUCHDB_URL_ENV}: {e}") from None
 
 
+def http_client(
+    base_url: str, *, timeout: float, auth: tuple[str, str] | None = None
+) -> httpx.Client:
+    """An httpx client for a real CouchDB or PouchDB Server at ``base_url``."""
+    return httpx.Client(
+        base_url=base_url,
+        auth=auth,
+        timeout=timeout,
+        # A proxy from the environment must not see test traffic, and
+        # PouchDB Server answers text/plain unless JSON is accepted.
+        trust_env=False,
+        headers={"Accept": "application/json"},
+    )
+
+
 class RemoteCouchError(FakeCouchError):
     """An error answer from the real server: ``status``, ``error`` and ``reason``.
 
@@ -200,15 +197,7 @@ class RemoteCouch:
         self.server = server
         self._prefix = unique_database_name(hint) + "_"
         self._named: dict[str, str] = {}
-        self._client = httpx.Client(
-            base_url=server.base,
-            auth=server.auth,
-            timeout=timeout,
-            # A proxy from the environment must not see test traffic, and
-            # PouchDB Server answers text/plain unless JSON is accepted.
-            trust_env=False,
-            headers={"Accept": "application/json"},
-        )
+        self._client = http_client(server.base, timeout=timeout, auth=server.auth)
         for name in databases:
             self.create_database(name)
 
@@ -216,7 +205,7 @@ class RemoteCouch:
         return f"<RemoteCouch {self.server.base} databases={len(self._named)}>"
 
     def __getattr__(self, name: str) -> NoReturn:
-        if name in _FAKE_ONLY:
+        if name in _FAKE_ONLY or hasattr(FakeCouch, name):
             raise AttributeError(
                 f"{name} is a FakeCouch fault switch or record, which a real CouchDB "
                 f"({self.server.base}, from {COUCHDB_URL_ENV}) does not have: mark the test "
@@ -273,18 +262,18 @@ class RemoteCouch:
 
     def put(self, database: str, doc: Mapping[str, Any]) -> str:
         """Create or update a doc (PUT with its ``_id``, else POST); return its new rev."""
-        db = _db_path(self.real_name(database))
+        real = self.real_name(database)
         if "_id" in doc:
-            response = self._client.put(f"{db}/{_doc_path(str(doc['_id']))}", json=dict(doc))
+            response = self._client.put(doc_path(real, str(doc["_id"])), json=dict(doc))
         else:
-            response = self._client.post(db, json=dict(doc))
+            response = self._client.post(_db_path(real), json=dict(doc))
         _check(response)
         rev: str = response.json()["rev"]
         return rev
 
     def get(self, database: str, doc_id: str) -> dict[str, Any] | None:
         """The current doc, or None if it is missing or deleted."""
-        response = self._client.get(f"{_db_path(self.real_name(database))}/{_doc_path(doc_id)}")
+        response = self._client.get(doc_path(self.real_name(database), doc_id))
         if response.status_code == 404 and _body(response).get("reason") in _DOC_GONE:
             return None
         _check(response)
@@ -292,8 +281,9 @@ class RemoteCouch:
         return doc
 
     def delete(self, database: str, doc_id: str, rev: str) -> str:
-        path = f"{_db_path(self.real_name(database))}/{_doc_path(doc_id)}"
-        response = self._client.delete(path, params={"rev": rev})
+        response = self._client.delete(
+            doc_path(self.real_name(database), doc_id), params={"rev": rev}
+        )
         _check(response)
         new_rev: str = response.json()["rev"]
         return new_rev
@@ -328,14 +318,6 @@ _DOC_GONE: Final = frozenset({"missing", "deleted"})
 
 def _db_path(real: str) -> str:
     return "/" + quote(real, safe="")
-
-
-def _doc_path(doc_id: str) -> str:
-    # Design and local doc ids keep their slash; any other is one path segment.
-    for prefix in ("_design/", "_local/"):
-        if doc_id.startswith(prefix):
-            return prefix + quote(doc_id[len(prefix) :], safe="")
-    return quote(doc_id, safe="")
 
 
 def _body(response: httpx.Response) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, quote, unquote
 
 import httpx
 
+from notifier.couch import doc_path
 from notifier.testing.fake_couch.changes import DEFAULT_MAX_TIMEOUT, ChangesMixin, _Waiter
 from notifier.testing.fake_couch.documents import _Database, key_range
 from notifier.testing.fake_couch.faults import (
@@ -568,10 +569,10 @@ class FakeCouch(FindMixin, ChangesMixin):
         if len(seg) == 1:
             response = self._database_endpoint(method, top, params, headers, body)
             if response.status == 201 and method == "PUT":
-                return _with_location(response, base_url, _path(top))
+                return _with_location(response, base_url, _db_path(top))
             if response.status == 201:
                 created = json.loads(response.body) if isinstance(response.body, bytes) else {}
-                return _with_location(response, base_url, _path(top, created.get("id", "")))
+                return _with_location(response, base_url, doc_path(top, created.get("id", "")))
             return response
         db_name, rest = top, seg[1:]
         if rest[0] in ("_design", "_local") and len(rest) >= 2:
@@ -582,7 +583,7 @@ class FakeCouch(FindMixin, ChangesMixin):
             return _located(
                 self._document_endpoint(method, db_name, doc_id, params, headers, body),
                 base_url,
-                _path(db_name, doc_id),
+                doc_path(db_name, doc_id),
             )
         if rest[0] == "_index":
             return self._index(method, db_name, rest[1:], params, headers, body)
@@ -607,7 +608,7 @@ class FakeCouch(FindMixin, ChangesMixin):
         return _located(
             self._document_endpoint(method, db_name, name, params, headers, body),
             base_url,
-            _path(db_name, name),
+            doc_path(db_name, name),
         )
 
     def _server_endpoint(self, method: str, seg: list[str], params: dict[str, str]) -> FakeResponse:
@@ -655,15 +656,8 @@ _ALL_DBS_PARAMS: Final = frozenset(
 )
 
 
-def _path(database: str, doc_id: str = "") -> str:
-    """The URL path of a database or doc (a design or local doc keeps its slash)."""
-    path = "/" + quote(database, safe="")
-    if doc_id:
-        prefix, slash, rest = doc_id.partition("/")
-        if slash and prefix in ("_design", "_local"):
-            return f"{path}/{prefix}/{quote(rest, safe='')}"
-        return f"{path}/{quote(doc_id, safe='')}"
-    return path
+def _db_path(database: str) -> str:
+    return "/" + quote(database, safe="")
 
 
 def _located(response: FakeResponse, base_url: str, path: str) -> FakeResponse:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from sortedcontainers import SortedDict
 
-from notifier.testing.fake_couch.mango import _type_rank
+from notifier.testing.fake_couch.mango import _collate
 from notifier.testing.fake_couch.state import CouchState
 from notifier.testing.fake_couch.wire import (
     JSON,
@@ -530,20 +530,14 @@ def key_range(
     direction = -1 if descending else 1
     chosen = []
     for key in sorted(keys, reverse=descending):
-        if start is not None and _compare_key(key, start) * direction < 0:
+        if start is not None and _collate(key, start) * direction < 0:
             continue
         if end is not None:
-            past = _compare_key(key, end) * direction
+            past = _collate(key, end) * direction
             if past > 0 or (past == 0 and not inclusive_end):
                 continue
         chosen.append(key)
     return chosen
-
-
-def _compare_key(key: str, bound: JSON) -> int:
-    if isinstance(bound, str):
-        return (key > bound) - (key < bound)
-    return -1 if _type_rank(key) < _type_rank(bound) else 1
 
 
 def _write_answer(status: int, doc_id: str, rev: str, params: Mapping[str, str]) -> FakeResponse:

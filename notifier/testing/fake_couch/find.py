@@ -31,6 +31,7 @@ from typing import Any
 from notifier.testing.fake_couch.documents import DocumentsMixin
 from notifier.testing.fake_couch.mango import _collate, compile_selector
 from notifier.testing.fake_couch.wire import (
+    Doc,
     FakeCouchError,
     FakeResponse,
     _allow,
@@ -50,8 +51,6 @@ __all__ = [
     "parse_index_request",
 ]
 
-Doc = dict[str, Any]
-
 NO_INDEX_WARNING = "No matching index found, create an index to optimize query time."
 _FIND_KEYS = frozenset(
     {
@@ -69,14 +68,6 @@ _FIND_KEYS = frozenset(
         "stable",
     }
 )
-
-
-class FindError(Exception):
-    """A request CouchDB would refuse: ``status``, ``error``, ``reason``."""
-
-    def __init__(self, status: int, error: str, reason: str) -> None:
-        super().__init__(f"{status} {error}: {reason}")
-        self.status, self.error, self.reason = status, error, reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,30 +90,34 @@ class MangoIndex:
 def parse_index_request(body: Any, new_id: Callable[[], str]) -> tuple[str, str, MangoIndex]:
     """``POST _index``'s body as (ddoc id, index name, index)."""
     if not isinstance(body, dict) or not isinstance(body.get("index"), dict):
-        raise FindError(400, "missing_required_key", "Missing required key: index")
+        raise FakeCouchError(400, "missing_required_key", "Missing required key: index")
     unknown = sorted(set(body) - {"index", "ddoc", "name", "type", "partitioned"})
     if unknown:
-        raise FindError(400, "bad_request", f"Invalid key {unknown[0]} for index request")
+        raise FakeCouchError(400, "bad_request", f"Invalid key {unknown[0]} for index request")
     kind = body.get("type", "json")
     if kind != "json":
-        raise FindError(501, "not_implemented", f"the fake has no {kind!r} indexes, only json")
+        raise FakeCouchError(501, "not_implemented", f"the fake has no {kind!r} indexes, only json")
     spec = body["index"]
     if "partial_filter_selector" in spec:
-        raise FindError(
+        raise FakeCouchError(
             501, "not_implemented", "the fake does not implement partial_filter_selector"
         )
     if set(spec) - {"fields"}:
-        raise FindError(400, "bad_request", f"Invalid key in index: {sorted(set(spec))}")
+        raise FakeCouchError(400, "bad_request", f"Invalid key in index: {sorted(set(spec))}")
     raw_fields = spec.get("fields")
     if not isinstance(raw_fields, list) or not raw_fields:
-        raise FindError(400, "bad_request", "Index fields must be a non-empty array")
+        raise FakeCouchError(400, "bad_request", "Index fields must be a non-empty array")
     fields, directions = _sort_spec(raw_fields)
     ddoc = body.get("ddoc") or new_id()
     name = body.get("name") or new_id()
     if not isinstance(ddoc, str) or not isinstance(name, str):
-        raise FindError(400, "bad_request", "ddoc and name must be strings")
-    ddoc_id = ddoc if ddoc.startswith("_design/") else f"_design/{ddoc}"
+        raise FakeCouchError(400, "bad_request", "ddoc and name must be strings")
+    ddoc_id = _ddoc_id(ddoc)
     return ddoc_id, name, MangoIndex(ddoc_id, name, fields, directions)
+
+
+def _ddoc_id(ddoc: str) -> str:
+    return ddoc if ddoc.startswith("_design/") else f"_design/{ddoc}"
 
 
 def index_design_doc(existing: Mapping[str, Any] | None, index: MangoIndex) -> Doc | None:
@@ -154,22 +149,15 @@ def indexes_of(design_docs: Iterable[Mapping[str, Any]]) -> list[MangoIndex]:
     return found
 
 
-def find(
-    docs: Iterable[Doc],
-    indexes: list[MangoIndex],
-    body: Any,
-    *,
-    compile_selector: Callable[[Any], Callable[[Mapping[str, Any]], bool]],
-    collate: Callable[[Any, Any], int],
-) -> Doc:
+def find(docs: Iterable[Doc], indexes: list[MangoIndex], body: Any) -> Doc:
     """Answer a ``_find`` request over ``docs`` (live, non-design documents)."""
     if not isinstance(body, dict):
-        raise FindError(400, "bad_request", "Request body must be a JSON object")
+        raise FakeCouchError(400, "bad_request", "Request body must be a JSON object")
     unknown = sorted(set(body) - _FIND_KEYS)
     if unknown:
-        raise FindError(400, "bad_request", f"Invalid key {unknown[0]} for find request")
+        raise FakeCouchError(400, "bad_request", f"Invalid key {unknown[0]} for find request")
     if "selector" not in body:
-        raise FindError(400, "missing_required_key", "Missing required key: selector")
+        raise FakeCouchError(400, "missing_required_key", "Missing required key: selector")
     selector = body["selector"]
     matches = compile_selector(selector)
     limit = _count(body, "limit", 25)
@@ -181,14 +169,14 @@ def find(
     index: MangoIndex | None = None
     if sort_fields and sort_fields != ("_id",):
         if len(set(sort_dirs)) > 1:
-            raise FindError(
+            raise FakeCouchError(
                 400,
                 "unsupported_mixed_sort",
                 "Sorts currently only support a single direction for all fields.",
             )
         usable = [i for i in usable if i.fields[: len(sort_fields)] == sort_fields]
         if not usable:
-            raise FindError(
+            raise FakeCouchError(
                 400,
                 "no_usable_index",
                 "No global index exists for this sort, try indexing by the sort fields.",
@@ -218,7 +206,7 @@ def find(
     keyed = [(key(d), d) for d in rows]
 
     def by_key(a: tuple[list[Any], Doc], b: tuple[list[Any], Doc]) -> int:
-        return collate(a[0], b[0])
+        return _collate(a[0], b[0])
 
     keyed.sort(key=functools.cmp_to_key(by_key), reverse=descending)
     rows = [d for _, d in keyed]
@@ -228,7 +216,7 @@ def find(
         rows = [
             d
             for d in rows
-            if (collate(key(d), after) < 0 if descending else collate(key(d), after) > 0)
+            if (_collate(key(d), after) < 0 if descending else _collate(key(d), after) > 0)
         ]
     page = rows[skip : skip + limit]
     answer: Doc = {
@@ -251,13 +239,13 @@ def find(
 def _count(body: Mapping[str, Any], key: str, default: int) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise FindError(400, "bad_request", f"Invalid value for {key}: {value!r}")
+        raise FakeCouchError(400, "bad_request", f"Invalid value for {key}: {value!r}")
     return value
 
 
 def _sort_spec(raw: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if not isinstance(raw, list):
-        raise FindError(400, "bad_request", "sort and fields must be arrays")
+        raise FakeCouchError(400, "bad_request", "sort and fields must be arrays")
     fields, dirs = [], []
     for item in raw:
         if isinstance(item, str):
@@ -266,11 +254,11 @@ def _sort_spec(raw: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
         elif isinstance(item, dict) and len(item) == 1:
             ((field, direction),) = item.items()
             if direction not in ("asc", "desc"):
-                raise FindError(400, "bad_request", f"Invalid sort direction: {direction!r}")
+                raise FakeCouchError(400, "bad_request", f"Invalid sort direction: {direction!r}")
             fields.append(field)
             dirs.append(direction)
         else:
-            raise FindError(400, "bad_request", f"Invalid sort field: {item!r}")
+            raise FakeCouchError(400, "bad_request", f"Invalid sort field: {item!r}")
     return tuple(fields), tuple(dirs)
 
 
@@ -318,7 +306,7 @@ def _project(doc: Doc, fields: Any) -> Doc:
     if fields is None:
         return doc
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
-        raise FindError(400, "bad_request", "fields must be an array of strings")
+        raise FakeCouchError(400, "bad_request", "fields must be an array of strings")
     out: Doc = {}
     for field in fields:
         if not _has(doc, field):
@@ -337,7 +325,7 @@ def _names(index: MangoIndex, requested: Any) -> bool:
     if isinstance(requested, list) and len(requested) == 2:
         ddoc, name = requested
         return index.ddoc in (ddoc, f"_design/{ddoc}") and index.name == name
-    raise FindError(400, "bad_request", f"Invalid use_index: {requested!r}")
+    raise FakeCouchError(400, "bad_request", f"Invalid use_index: {requested!r}")
 
 
 def _requested(requested: Any) -> str:
@@ -354,9 +342,9 @@ def _bookmark(raw: Any) -> list[Any] | None:
     try:
         key = json.loads(base64.urlsafe_b64decode(str(raw).encode("ascii")))
     except (ValueError, binascii.Error, UnicodeError):
-        raise FindError(400, "invalid_bookmark", f"Invalid bookmark value: {raw!r}") from None
+        raise FakeCouchError(400, "invalid_bookmark", f"Invalid bookmark value: {raw!r}") from None
     if not isinstance(key, list):
-        raise FindError(400, "invalid_bookmark", f"Invalid bookmark value: {raw!r}")
+        raise FakeCouchError(400, "invalid_bookmark", f"Invalid bookmark value: {raw!r}")
     return key
 
 
@@ -371,16 +359,7 @@ class FindMixin(DocumentsMixin):
             live = [d.to_json() for d in db.docs.values() if not d.deleted]
             docs = [d for d in live if not d["_id"].startswith("_design/")]
             indexes = indexes_of(d for d in live if d["_id"].startswith("_design/"))
-            try:
-                answer = find(
-                    docs,
-                    indexes,
-                    request,
-                    compile_selector=compile_selector,
-                    collate=_collate,
-                )
-            except FindError as e:
-                raise FakeCouchError(e.status, e.error, e.reason) from None
+            answer = find(docs, indexes, request)
         return _json_response(200, copy.deepcopy(answer))
 
     def _index(
@@ -413,10 +392,7 @@ class FindMixin(DocumentsMixin):
                 listed = [special, *(i.to_json() for i in indexes)]
                 return _json_response(200, {"total_rows": len(listed), "indexes": listed})
             _require_json_ctype(headers)
-            try:
-                ddoc_id, name, index = parse_index_request(_json_body(body), self._new_id)
-            except FindError as e:
-                raise FakeCouchError(e.status, e.error, e.reason) from None
+            ddoc_id, name, index = parse_index_request(_json_body(body), self._new_id)
             with self._lock:
                 db = self._db(db_name)
                 existing = db.docs.get(ddoc_id)
@@ -430,7 +406,7 @@ class FindMixin(DocumentsMixin):
             return _json_response(200, {"result": "created", "id": ddoc_id, "name": name})
         if len(rest) == 3 and method == "DELETE":
             ddoc, kind, name = rest
-            ddoc_id = ddoc if ddoc.startswith("_design/") else f"_design/{ddoc}"
+            ddoc_id = _ddoc_id(ddoc)
             if kind != "json" or not any(i.ddoc == ddoc_id and i.name == name for i in indexes):
                 raise FakeCouchError(404, "not_found", "Index not found")
             with self._lock:

@@ -47,10 +47,6 @@ class FakeResponse:
     headers: list[tuple[str, str]]
     body: bytes | AsyncIterator[bytes]
 
-    @property
-    def streaming(self) -> bool:
-        return not isinstance(self.body, bytes)
-
     def json(self) -> JSON:
         """The decoded body of a non-streamed answer."""
         if not isinstance(self.body, bytes):
