@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import contextlib
+import itertools
 import re
 import shutil
 import socket
@@ -245,3 +246,6 @@ async def test_status_tells_systemd_of_a_change_at_once(
         sent_at = time.monotonic()
         status_at = await notifications.first("STATUS", containing="1 sent")
     assert status_at - sent_at < 1.0, (status_at - ready_at, notifications.statuses())
+    # Sent when it changes, not again and again unchanged.
+    statuses = notifications.statuses()
+    assert all(a != b for a, b in itertools.pairwise(statuses)), statuses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -351,6 +352,11 @@ async def test_smtp_5xx_dead_letters_and_4xx_is_deferred_until_max_age(
     assert reason.startswith("gave up after "), reason
     assert "last reply: SMTP server refused the message: 452 4.2.2 mailbox full" in reason
     assert refusals["user2@example.com"] >= 3
+    failed = docs["msg-00002"][FAILED]
+    tried_for = datetime.fromisoformat(failed["failedAt"]) - datetime.fromisoformat(
+        failed["firstFailedAt"]
+    )
+    assert tried_for.total_seconds() >= 2.0, "not given up before max_age"
     assert smtp_sink.count_by_recipient() == {"user1@example.com": 1}
 
 

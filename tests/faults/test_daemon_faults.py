@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from support import DB, all_settled, assert_all_delivered_once, messages, running, seed
 
+from notifier import worker as worker_module
 from notifier.claim import CLAIM
-from notifier.lifecycle import RETRY
+from notifier.lifecycle import FAILED, RETRY
 from notifier.shard import Shard
 from notifier.testing import free_port
 from notifier.testing.fake_couch import FakeCouch
@@ -235,3 +236,26 @@ async def test_a_paused_relay_with_nothing_in_flight_is_probed_with_due_messages
             await wait_for(lambda: len(sink.messages) == 1, timeout=20)
         assert not worker.delivery.paused
         assert sink.count_by_recipient() == {"later@example.com": 1}
+
+
+async def test_a_bug_deciding_about_one_document_dead_letters_it_and_the_shard_goes_on(
+    fake: FakeCouch, smtp_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug in the pure lifecycle for one document must not stop the worker
+    # (it would fail on it again after every restart), nor stall the others.
+    real_decide = worker_module.decide
+
+    def decide(doc: Any, **kw: Any) -> Any:
+        if doc is not None and doc.get("_id") == "msg-00002":
+            raise KeyError("boom")
+        return real_decide(doc, **kw)
+
+    monkeypatch.setattr(worker_module, "decide", decide)
+    recipients = seed(fake, 5)
+    async with running(fake, smtp_sink) as (worker, _):
+        await wait_for(all_settled(fake, 5), timeout=20)
+    by_id = {d["_id"]: d for d in messages(fake)}
+    reason = by_id["msg-00002"][FAILED]["reason"]
+    assert reason == "unexpected error deciding what to do: KeyError: 'boom'"
+    assert smtp_sink.count_by_recipient() == {r: 1 for r in recipients - {"user2@example.com"}}
+    assert worker.delivery.crashes == 1

@@ -165,6 +165,9 @@ def test_a_relay_refusing_everyone_for_a_while_is_an_outage_not_bad_messages(
     assert process.count("the relay accepts mail again") >= 1
     # While paused, probes only: far fewer refusals than messages times retries.
     assert len(refused) < 10 + 40
+    # At most the refusal counted before the pause, then the send itself.
+    docs = {d["to"]: d for d in fake_couch.docs(DB) if "to" in d}
+    assert max(docs[r][RECORD]["attempts"] for r in during.recipients) <= 2
 
 
 def test_a_421_that_closes_the_connection_slows_down_and_loses_nothing(

@@ -239,9 +239,10 @@ async def test_a_throttling_reply_slows_the_pacer_and_quiet_speeds_it_up() -> No
     assert pacer.limit == 10.0
 
 
-def test_domains_are_lower_case_and_missing_ones_empty() -> None:
+def test_domains_are_lower_case_idna_and_empty_for_a_non_address() -> None:
     assert recipient_domain("A@B.Example") == "b.example"
-    assert recipient_domain("no-at-sign") == "no-at-sign"
+    assert recipient_domain("a@BÜCHER.example") == "xn--bcher-kva.example"
+    assert recipient_domain("no-at-sign") == "no-at-sign", "the whole text, as rpartition gives"
     assert recipient_domain(42) == ""
 
 
