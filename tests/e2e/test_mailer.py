@@ -34,6 +34,12 @@ def doc(n: int) -> dict[str, str]:
     return {"_id": f"m{n}", "to": f"user{n}@example.com", "subject": "s", "body": "b"}
 
 
+def handler_on(sink: SmtpSink) -> EmailHandler:
+    """A handler with a pool of one connection to ``sink``."""
+    pool = SmtpPool(SmtpConfig(host=sink.host, port=sink.port), size=1)
+    return EmailHandler(composer=COMPOSER, pool=pool)
+
+
 class Accept:
     def __init__(self) -> None:
         self.count = 0
@@ -82,8 +88,7 @@ async def test_an_unreachable_server_is_a_channel_outage_not_a_bad_message() -> 
 
 async def test_a_refused_recipient_is_permanent(smtp_sink: SmtpSink) -> None:
     smtp_sink.reject_recipient = lambda address: "550 5.1.1 no such user"
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         with pytest.raises(PermanentDeliveryError, match=r"refused the recipient: 550 5\.1\.1"):
             await handler.deliver(doc(1))
 
@@ -92,8 +97,7 @@ async def test_a_quota_reply_is_throttling_not_a_failure_of_the_message(
     smtp_sink: SmtpSink,
 ) -> None:
     smtp_sink.quota = 2
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         await handler.deliver(doc(1))
         await handler.deliver(doc(2))
         with pytest.raises(ThrottledDeliveryError, match="454 Throttling failure"):
@@ -106,8 +110,7 @@ async def test_greylisting_refuses_a_recipient_for_now_then_accepts_it(
     smtp_sink: SmtpSink,
 ) -> None:
     smtp_sink.greylist = 0.3
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         with pytest.raises(TransientDeliveryError, match=r"450 4\.2\.0") as refused:
             await handler.deliver(doc(1))
         assert not isinstance(refused.value, ThrottledDeliveryError)
@@ -118,8 +121,7 @@ async def test_greylisting_refuses_a_recipient_for_now_then_accepts_it(
 
 async def test_a_relay_refusing_everyone_recovers_after_its_time(smtp_sink: SmtpSink) -> None:
     smtp_sink.refuse_everyone(0.3)
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         for n in range(3):
             with pytest.raises(TransientDeliveryError, match=r"451 4\.3\.5"):
                 await handler.deliver(doc(n))
@@ -132,19 +134,17 @@ async def test_a_421_that_closes_the_connection_is_throttling_and_the_pool_recov
     smtp_sink: SmtpSink,
 ) -> None:
     smtp_sink.close_421 = lambda address: address == "user1@example.com"
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         with pytest.raises(ThrottledDeliveryError, match="421"):
             await handler.deliver(doc(1))
         await handler.deliver(doc(2))  # on a new connection
-    assert pool.connects == 2
+    assert handler.pool.connects == 2
     assert smtp_sink.count_by_recipient() == {"user2@example.com": 1}
 
 
 async def test_a_utf8_recipient_goes_with_smtputf8_when_the_server_offers_it() -> None:
     with SmtpSink(smtputf8=True) as sink:
-        pool = SmtpPool(SmtpConfig(host=sink.host, port=sink.port), size=1)
-        async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+        async with handler_on(sink) as handler:
             await handler.deliver({**doc(1), "to": "jörg@example.com"})
         (received,) = sink.messages
     assert received.rcpt_tos == ["jörg@example.com"]
@@ -154,8 +154,7 @@ async def test_a_utf8_recipient_goes_with_smtputf8_when_the_server_offers_it() -
 async def test_a_utf8_recipient_without_smtputf8_is_a_dead_letter_with_the_reason(
     smtp_sink: SmtpSink,
 ) -> None:
-    pool = SmtpPool(SmtpConfig(host=smtp_sink.host, port=smtp_sink.port), size=1)
-    async with EmailHandler(composer=COMPOSER, pool=pool) as handler:
+    async with handler_on(smtp_sink) as handler:
         with pytest.raises(PermanentDeliveryError, match="needs SMTPUTF8"):
             await handler.deliver({**doc(1), "to": "jörg@example.com"})
         await handler.deliver(doc(2))  # the session is still good

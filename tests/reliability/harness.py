@@ -557,6 +557,16 @@ def recipients_delivered(sink: SmtpSink) -> set[str]:
     return set(sink.count_by_recipient())
 
 
+def messages(fake: FakeCouch) -> list[dict[str, Any]]:
+    """The message documents (the retry index's design document left out)."""
+    return [doc for doc in fake.docs(DB) if not doc["_id"].startswith("_design/")]
+
+
+def docs_by_recipient(fake: FakeCouch) -> dict[str, dict[str, Any]]:
+    """The message documents by their ``to``."""
+    return {doc["to"]: doc for doc in fake.docs(DB) if "to" in doc}
+
+
 def all_settled(fake: FakeCouch | RemoteCouch, ids: Iterable[str], *, database: str = DB) -> bool:
     wanted = set(ids)
     docs = [d for d in fake.docs(database) if d["_id"] in wanted]

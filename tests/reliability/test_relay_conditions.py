@@ -24,7 +24,14 @@ import time
 from collections import deque
 from typing import Any
 
-from harness import DB, NotifierCli, all_settled, first_arrival, seed_messages, wait_until
+from harness import (
+    NotifierCli,
+    all_settled,
+    docs_by_recipient,
+    first_arrival,
+    seed_messages,
+    wait_until,
+)
 from scenario import ScenarioRecord
 
 from notifier.testing.fake_couch import FakeCouch
@@ -36,7 +43,7 @@ SETTLE_TIMEOUT = 90.0
 
 def outcome(fake: FakeCouch, sink: SmtpSink, recipients: list[str]) -> dict[str, Any]:
     """Delivered, duplicated and dead-lettered, per recipient and in all."""
-    docs = {d["to"]: d for d in fake.docs(DB) if "to" in d}
+    docs = docs_by_recipient(fake)
     sent = sink.count_by_recipient()
     return {
         "delivered": {r: sent[r] for r in recipients},
@@ -87,7 +94,7 @@ def test_greylisting_delays_every_new_recipient_and_loses_none(
     )
     assert_each_delivered_once(result, seeded.recipients)
     assert {r.rcpt_tos[0] for r in refused} == set(seeded.recipients), "each was greylisted"
-    docs = {d["to"]: d for d in fake_couch.docs(DB) if "to" in d}
+    docs = docs_by_recipient(fake_couch)
     assert all(docs[r][RECORD]["attempts"] >= 2 for r in seeded.recipients)
     # Greylisting is about one recipient: it never pauses the relay.
     assert process.count("the relay looks down") == 0
@@ -117,7 +124,7 @@ def test_a_sending_quota_slows_the_sender_and_costs_no_attempt(
     )
     assert_each_delivered_once(result, seeded.recipients)
     assert throttled, "the quota was reached: this test tests something"
-    docs = {d["to"]: d for d in fake_couch.docs(DB) if "to" in d}
+    docs = docs_by_recipient(fake_couch)
     assert {docs[r][RECORD]["attempts"] for r in seeded.recipients} == {1}, (
         "throttling uses up no attempt"
     )
@@ -166,7 +173,7 @@ def test_a_relay_refusing_everyone_for_a_while_is_an_outage_not_bad_messages(
     # While paused, probes only: far fewer refusals than messages times retries.
     assert len(refused) < 10 + 40
     # At most the refusal counted before the pause, then the send itself.
-    docs = {d["to"]: d for d in fake_couch.docs(DB) if "to" in d}
+    docs = docs_by_recipient(fake_couch)
     assert max(docs[r][RECORD]["attempts"] for r in during.recipients) <= 2
 
 
@@ -211,5 +218,5 @@ def test_a_421_that_closes_the_connection_slows_down_and_loses_nothing(
     assert_each_delivered_once(result, seeded.recipients)
     assert closed, "the rate was reached: this test tests something"
     assert len(closed) < len(seeded.ids), "slowed down rather than hammering"
-    docs = {d["to"]: d for d in fake_couch.docs(DB) if "to" in d}
+    docs = docs_by_recipient(fake_couch)
     assert {docs[r][RECORD]["attempts"] for r in seeded.recipients} == {1}

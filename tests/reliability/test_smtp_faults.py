@@ -37,7 +37,9 @@ from harness import (
     DB,
     NotifierCli,
     all_settled,
+    docs_by_recipient,
     first_arrival,
+    messages,
     read_checkpoint,
     wait_until,
 )
@@ -77,15 +79,6 @@ def seed(fake: FakeCouch, numbers: range) -> list[str]:
     for doc in docs:
         fake.put(DB, doc)
     return [doc["to"] for doc in docs]
-
-
-def messages(fake: FakeCouch) -> list[dict[str, Any]]:
-    """The message documents (the retry index's design document left out)."""
-    return [doc for doc in fake.docs(DB) if not doc["_id"].startswith("_design/")]
-
-
-def docs_by_recipient(fake: FakeCouch) -> dict[str, dict[str, Any]]:
-    return {doc["to"]: doc for doc in fake.docs(DB) if "to" in doc}
 
 
 class FlakyRelay:
