@@ -14,6 +14,7 @@ import pytest
 from realservers import CouchTestDB
 from scenario import NOTIFIER, message
 
+from notifier.claim import CLAIM
 from notifier.config import Config
 from notifier.requeue import Selection, requeue, selection_from
 from notifier.testing.smtp import SmtpSink
@@ -128,6 +129,64 @@ async def test_requeued_messages_are_sent_once_by_a_running_worker_with_the_same
         assert doc[NOTIFIED] is True and len(doc[HISTORY]) == 1
 
 
+async def test_requeue_drops_the_retry_state_and_the_claim_and_appends_to_the_history(
+    couch: CouchTestDB, make_config: MakeConfig
+) -> None:
+    earlier = {
+        "reason": "SMTP server refused the recipient: 550 5.1.1 no such user",
+        "failedAt": (NOW - timedelta(days=30)).isoformat(timespec="milliseconds"),
+        "requeuedAt": (NOW - timedelta(days=29)).isoformat(timespec="milliseconds"),
+    }
+    couch.bulk(
+        [
+            dead_letter(
+                7,
+                "gave up after 7 attempts over 5d; last reply: 451 4.3.5 try later",
+                failed_ago=timedelta(days=1),
+                **{
+                    RETRY: {"attempts": 7, "due": 1, "since": 0},
+                    CLAIM: {"worker": "0/1", "run": "r-old", "host": "mail-1", "pid": 1},
+                    HISTORY: [earlier],
+                },
+            )
+        ]
+    )
+    report = await requeue(make_config(), Selection(ids=("msg-00007",)), now=NOW.timestamp())
+    assert [(m.id, m.action) for m in report.messages] == [("msg-00007", "requeued")]
+    doc = couch.get("msg-00007")
+    assert {FAILED, RETRY, CLAIM} & set(doc) == set()
+    assert len(doc[HISTORY]) == 2
+    old, new = doc[HISTORY]
+    assert old == earlier, "the earlier dead letter comes first, as it was"
+    assert new["reason"].endswith("451 4.3.5 try later")
+    assert new["requeuedAt"] == NOW.isoformat(timespec="milliseconds")
+
+
+async def test_requeue_by_id_and_age_says_why_it_skips_dead_letters_it_cannot_judge(
+    couch: CouchTestDB, make_config: MakeConfig
+) -> None:
+    couch.bulk(
+        [
+            message(1, **{FAILED: {"reason": "550 5.1.1 no such user", "worker": "0/1"}}),
+            message(2, **{FAILED: "550 5.1.1 no such user"}),
+            dead_letter(3, "550 5.1.1 no such user", failed_ago=timedelta(hours=1)),
+            dead_letter(4, "550 5.1.1 no such user", failed_ago=timedelta(days=1)),
+        ]
+    )
+    before = {d["_id"]: d["_rev"] for d in couch.all_docs()}
+    ids = ["msg-00001", "msg-00002", "msg-00003", "msg-00004"]
+    selection = selection_from(ids=ids, older_than="12h")
+    report = await requeue(make_config(), selection, now=NOW.timestamp())
+    assert {m.id: (m.action, m.why) for m in report.messages} == {
+        "msg-00001": ("skipped", "it has no failedAt time to judge its age by"),
+        "msg-00002": ("skipped", "its notificationFailed is not an object"),
+        "msg-00003": ("skipped", "it failed too recently"),
+        "msg-00004": ("requeued", ""),
+    }
+    after = {d["_id"]: d["_rev"] for d in couch.all_docs()}
+    assert {i for i in ids if after[i] != before[i]} == {"msg-00004"}, "skipped: not written"
+
+
 class EditsBeforeTheFirstWrite(httpx.AsyncBaseTransport):
     """Real HTTP; just before the first _bulk_docs, a person edits one document."""
 
@@ -181,3 +240,21 @@ def test_the_command_prints_json_and_refuses_a_bad_regex(
     )
     assert bad.returncode == 2
     assert "--reason: not a regular expression" in bad.stderr
+
+
+def test_the_command_refuses_an_age_it_cannot_read(
+    couch: CouchTestDB, config_file: Callable[..., Path]
+) -> None:
+    seed_dead_letters(couch)
+    before = {d["_id"]: d["_rev"] for d in couch.all_docs()}
+    path = config_file()
+    bad = subprocess.run(
+        [NOTIFIER, "requeue", "--config", str(path), "--older-than", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert "expected a duration such as 90s, 30m, 12h or 7d, got 'nonsense'" in bad.stderr
+    assert {d["_id"]: d["_rev"] for d in couch.all_docs()} == before

@@ -8,12 +8,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
+from virtual_time import VirtualTime
 
 from notifier.breaker import OutageBreaker
 from notifier.delivery import Abandoned, Delivery
 from notifier.errors import (
     ChannelUnavailableError,
     InvalidMessageError,
+    PermanentDeliveryError,
     ThrottledDeliveryError,
 )
 from notifier.handler import Receipt
@@ -98,10 +100,41 @@ async def test_a_stop_ends_the_throttle_hold_with_a_durable_deferral() -> None:
     assert outcome == Failed("454 Throttling failure", counts=False)
 
 
+class AlwaysThrottled(Scripted):
+    """A relay that asks the sender to slow down at every try; notes when it was asked."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self._clock = clock
+        self.asked_at: list[float] = []
+
+    async def deliver(self, doc: Mapping[str, Any]) -> Receipt:
+        self.calls += 1
+        self.asked_at.append(self._clock())
+        raise ThrottledDeliveryError("454 Throttling failure")
+
+
+async def test_the_throttle_hold_runs_out_on_its_clock_and_defers_without_an_attempt() -> None:
+    t = VirtualTime()
+    handler = AlwaysThrottled(t.clock)
+    # The slowed pace is what lets the virtual time pass between tries.
+    pacer = Pacer(clock=t.clock, sleep=t.sleeper())
+    d = delivery(handler, pacer=pacer, throttle_hold=60.0, clock=t.clock)
+    # Never stopped: only the hold on the Delivery's clock can end this.
+    outcome = await asyncio.wait_for(d.attempt(DOC), timeout=5)
+    assert outcome == Failed("454 Throttling failure", counts=False)
+    first, *_, before_last, last = handler.asked_at
+    assert before_last - first < 60.0 <= last - first, "tried on until the hold, and no longer"
+    assert d.throttled == handler.calls == len(handler.asked_at)
+    assert not d.paused, "throttling says the relay is up"
+
+
 @pytest.mark.parametrize(
     ("answer", "closes"),
     [
         (lambda: {"messageId": "<m@x>"}, True),
+        # A refusal for good is an answer from a relay that is up.
+        (lambda: PermanentDeliveryError("550 5.1.1 no such user"), True),
         (lambda: InvalidMessageError("no recipient"), False),
     ],
 )

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import Awaitable, Callable
 
 import pytest
+from virtual_time import VirtualTime
 
 from notifier.pacing import (
     DECREASE_HOLD,
@@ -152,26 +152,6 @@ def test_with_no_rate_set_the_pace_settles_around_the_relays_quota() -> None:
     settled = paces[60:]
     assert quota / 2 <= min(settled)
     assert sum(settled) / len(settled) >= 0.7 * quota
-
-
-class VirtualTime:
-    """A clock that advances only when someone sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleeper(self, sleepers: list[str] | None = None) -> Callable[[float], Awaitable[None]]:
-        async def sleep(seconds: float) -> None:
-            if sleepers is not None:
-                task = asyncio.current_task()
-                sleepers.append(task.get_name() if task else "?")
-            self.now += seconds
-            await asyncio.sleep(0)
-
-        return sleep
 
 
 async def test_the_pacer_spaces_sends_at_the_rate_in_arrival_order() -> None:
